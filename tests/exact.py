@@ -1,0 +1,51 @@
+"""Exact sequence distributions of a tiny model, by enumerating every completion of at most `max_length` tokens."""
+
+import itertools
+
+import torch
+
+
+def enumerate_completions(vocab_size, eos_id, max_length):
+    """All completions: up to `max_length - 1` non-EOS tokens then EOS, or `max_length` tokens cut without EOS."""
+    non_eos = [t for t in range(vocab_size) if t != eos_id]
+    completions = []
+    for length in range(max_length):
+        completions += [(*prefix, eos_id) for prefix in itertools.product(non_eos, repeat=length)]
+    completions += [(*prefix, t) for prefix in itertools.product(non_eos, repeat=max_length - 1) for t in non_eos]
+    return completions
+
+
+@torch.no_grad()
+def sequence_log_probs(model, prompt_ids, completions):
+    """log p(y|x) for each completion, by teacher forcing the untempered model."""
+    max_length = max(len(c) for c in completions)
+    # Short completions are padded on the right (causal attention: the padding cannot change earlier tokens)
+    batch = torch.tensor([list(prompt_ids) + list(c) + [0] * (max_length - len(c)) for c in completions])
+    lengths = torch.tensor([len(c) for c in completions])
+    logits = model(input_ids=batch).logits.float()
+    logps = torch.log_softmax(logits[:, len(prompt_ids) - 1 : -1], dim=-1)
+    token_logps = logps.gather(-1, batch[:, len(prompt_ids) :].unsqueeze(-1)).squeeze(-1)
+    positions = torch.arange(token_logps.size(1))
+    return torch.where(positions < lengths.unsqueeze(1), token_logps, 0.0).sum(-1)
+
+
+def length_aware_target(base_logps, lengths, alpha):
+    """π*(y) ∝ p(y)^α e^{−c|y|}, with c found by bisection so that Σ_y p(y)^α e^{−c|y|} = 1."""
+    def log_total(c):
+        return torch.logsumexp(alpha * base_logps - c * lengths, dim=0)
+
+    low, high = -50.0, 50.0  # log_total decreases in c
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if log_total(mid) > 0 else (low, mid)
+    c = (low + high) / 2
+    return torch.exp(alpha * base_logps - c * lengths), c
+
+
+def trajectory_target(base_logps, alpha):
+    """p(y)^α / Z."""
+    return torch.softmax(alpha * base_logps, dim=0)
+
+
+def total_variation(p, q):
+    return 0.5 * (p - q).abs().sum().item()

@@ -1,0 +1,134 @@
+"""Configuration of the PowerFlow trainer: GRPO's configuration plus the knobs of the PowerFlow objective."""
+
+import math
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+
+@dataclass
+class PowerFlowConfig(GRPOConfig):
+    r"""
+    Configuration class for [`PowerFlowTrainer`].
+
+    Every [`~trl.GRPOConfig`] parameter keeps its meaning (generation, vLLM, batching, logging, saving), except the
+    ones listed here. PowerFlow ([arXiv 2603.18363](https://arxiv.org/abs/2603.18363)) trains the policy to sample from
+    `p_base(y|x)^alpha` with a length-aware Trajectory Balance loss; it needs no reward and has no KL term.
+
+    Parameters:
+        alpha (`float`, *optional*, defaults to `4.0`):
+            The power of the target `p_base(y|x)^alpha`. `alpha > 1` sharpens the base model (reasoning, accuracy),
+            `alpha < 1` flattens it (diversity), `alpha = 1` leaves it where it is. The paper uses 4 for base models
+            on math, 2 for instruct models and 0.5 for creative writing.
+        length_normalization (`bool`, *optional*, defaults to `True`):
+            Divide the TB residual by the completion length (the PowerFlow objective, whose fixed point is the
+            α-power tilted on length). `False` gives plain trajectory TB, whose target `p_base^alpha / Z` collapses
+            the length for `alpha > 1`; kept for the ablation.
+        log_z_conditioning (`str`, *optional*, defaults to `"prompt"`):
+            `"prompt"`: log Z'(x) is a bias plus a small MLP on the mean of the prompt's input embeddings.
+            `"scalar"`: one log Z' for every prompt.
+        log_z_hidden_size (`int`, *optional*, defaults to `256`):
+            Width of the hidden layers of the prompt-conditioned log Z head.
+        log_z_learning_rate (`float`, *optional*, defaults to `1e-2`):
+            Learning rate of the log Z head (its own optimizer group, no weight decay). It must track its target
+            faster than the policy moves, hence far larger than the policy's.
+        log_z_init (`str`, *optional*, defaults to `"first_batch"`):
+            `"first_batch"`: start log Z' at the value that zeroes the mean residual of the first batch (at the start
+            the residual is dominated by `(1 - alpha) * mean base log-prob`, many nats). `"zero"`: start at 0.
+        epsilon (`float`, *optional*, defaults to `0.2`):
+            Lower clipping bound of the sequence-level importance weight: `w >= 1 - epsilon`.
+        epsilon_high (`float`, *optional*, defaults to `0.28`):
+            Upper clipping bound of the sequence-level importance weight: `w <= 1 + epsilon_high`.
+        beta (`float`, *optional*, defaults to `0.0`):
+            Unused: PowerFlow has no KL term, the base model enters only through the target. Kept so GRPO
+            configurations load; any other value is ignored.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Must be 1.0: the residual needs the untempered policy and base log-probabilities, which TRL's log-prob
+            head computes at the sampling temperature.
+    """
+
+    alpha: float = field(
+        default=4.0,
+        metadata={
+            "help": "The power of the target p_base(y|x)^alpha: > 1 sharpens (reasoning, accuracy), < 1 flattens "
+            "(diversity), 1 leaves the model unchanged. Paper: 4 for base models on math, 2 for instruct models, 0.5 "
+            "for creative writing."
+        },
+    )
+    length_normalization: bool = field(
+        default=True,
+        metadata={
+            "help": "Divide the TB residual by the completion length (PowerFlow). False gives plain trajectory TB, "
+            "which collapses the length for alpha > 1 (kept for the ablation)."
+        },
+    )
+    log_z_conditioning: str = field(
+        default="prompt",
+        metadata={
+            "help": "How log Z'(x) depends on the prompt: 'prompt' (bias + MLP on the mean prompt embedding) or "
+            "'scalar' (one value for all prompts).",
+            "choices": ["prompt", "scalar"],
+        },
+    )
+    log_z_hidden_size: int = field(
+        default=256, metadata={"help": "Width of the hidden layers of the prompt-conditioned log Z head."}
+    )
+    log_z_learning_rate: float = field(
+        default=1e-2,
+        metadata={"help": "Learning rate of the log Z head (its own optimizer group). Far larger than the policy's."},
+    )
+    log_z_init: str = field(
+        default="first_batch",
+        metadata={
+            "help": "Start of log Z': 'first_batch' (the value that zeroes the first batch's mean residual) or 'zero'.",
+            "choices": ["first_batch", "zero"],
+        },
+    )
+    epsilon: float = field(
+        default=0.2,
+        metadata={"help": "Lower clipping bound of the sequence-level importance weight: w >= 1 - epsilon."},
+    )
+    epsilon_high: float | None = field(
+        default=0.28,
+        metadata={"help": "Upper clipping bound of the sequence-level importance weight: w <= 1 + epsilon_high."},
+    )
+    beta: float = field(
+        default=0.0,
+        metadata={"help": "Unused: PowerFlow has no KL term. Kept so GRPO configurations load."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(
+                f"`alpha` must be a finite number > 0, got {self.alpha!r}. Use alpha > 1 to sharpen the model "
+                "(e.g. 4), alpha < 1 to flatten it (e.g. 0.5)."
+            )
+        if self.temperature != 1.0:
+            raise ValueError(
+                f"`temperature` must be 1.0 for PowerFlow, got {self.temperature}: the TB residual needs untempered "
+                "log-probabilities, and TRL computes them at the sampling temperature. Sharpen with `alpha` instead "
+                "(alpha = 1/temperature is the sequence-level counterpart)."
+            )
+        if self.log_z_conditioning not in ("prompt", "scalar"):
+            raise ValueError(
+                f"`log_z_conditioning` must be 'prompt' or 'scalar', got {self.log_z_conditioning!r}."
+            )
+        if self.log_z_init not in ("first_batch", "zero"):
+            raise ValueError(f"`log_z_init` must be 'first_batch' or 'zero', got {self.log_z_init!r}.")
+        if not self.log_z_learning_rate > 0:
+            raise ValueError(
+                f"`log_z_learning_rate` must be > 0, got {self.log_z_learning_rate}: a frozen log Z cannot reach the "
+                "fixed point."
+            )
+        if self.log_z_hidden_size < 1:
+            raise ValueError(f"`log_z_hidden_size` must be >= 1, got {self.log_z_hidden_size}.")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(f"`max_completion_length` must be >= 1, got {self.max_completion_length}.")
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if not (0 <= self.epsilon < 1 and self.epsilon_high >= 0):
+            raise ValueError(
+                f"The importance weight is clipped to [1 - epsilon, 1 + epsilon_high]: need 0 <= epsilon < 1 and "
+                f"epsilon_high >= 0, got epsilon={self.epsilon}, epsilon_high={self.epsilon_high}."
+            )

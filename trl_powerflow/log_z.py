@@ -1,0 +1,102 @@
+"""The learned log partition function log Z'(x) of PowerFlow, owned by the trainer (not part of the model)."""
+
+import os
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+LOG_Z_FILE = "log_z.safetensors"
+
+
+class LogZ(nn.Module):
+    r"""
+    log Z'_φ(x) = b + MLP(mean of the prompt's input embeddings), or the scalar b alone.
+
+    The prompt-conditioned head reads the *detached* mean of the prompt's input embeddings, so it is cheap, needs no
+    hidden states and works unchanged on 4-bit models. Its last layer starts at zero, so at the start log Z' = b for
+    every prompt; the trainer sets b from the first batch (a data-driven start, see `PowerFlowConfig.log_z_init`).
+
+    Args:
+        embedding_dim (`int` or `None`):
+            Width of the model's input embeddings, or `None` for a scalar log Z (one value for every prompt).
+        hidden_size (`int`, defaults to `256`):
+            Width of the MLP's hidden layers.
+    """
+
+    def __init__(self, embedding_dim: int | None, hidden_size: int = 256):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.mlp = None
+        if embedding_dim is not None:
+            self.mlp = nn.Sequential(
+                nn.LayerNorm(embedding_dim),
+                nn.Linear(embedding_dim, hidden_size),
+                nn.GELU(),
+                nn.Linear(hidden_size, hidden_size),
+                nn.GELU(),
+                nn.Linear(hidden_size, 1),
+            )
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+        # Saved with the head, so a resumed run does not start it again
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def forward(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """`prompt_embeds` of shape `(B, embedding_dim)` (ignored for a scalar head) to log Z' of shape `(B,)`."""
+        log_z = self.bias.expand(prompt_embeds.size(0))
+        if self.mlp is not None:
+            log_z = log_z + self.mlp(prompt_embeds.to(self.bias.dtype)).squeeze(-1)
+        return log_z
+
+    @torch.no_grad()
+    def start_at(self, value: torch.Tensor | float) -> None:
+        """Set log Z' to `value` for every prompt (the MLP's output is still zero) and mark the head started."""
+        self.bias.fill_(float(value))
+        self.initialized.fill_(True)
+
+    def fit_start(self, prompt_embeds: torch.Tensor, targets: torch.Tensor, steps: int = 200, lr: float = 1e-2):
+        """
+        Data-driven start: regress log Z'(x) on `targets`, the per-sample values that zero the residual of a batch.
+
+        The bias starts at their mean; the MLP then learns the per-prompt offsets with a few hundred steps of its own
+        (the head is tiny: milliseconds). A prompt whose log Z' starts too low makes the first policy updates act as
+        maximum likelihood on its own samples, which collapses the policy before a slowly learned head catches up.
+        """
+        targets = targets.detach().to(self.bias.dtype)
+        self.start_at(targets.mean())
+        if self.mlp is None:
+            return
+        prompt_embeds = prompt_embeds.detach()
+        optimizer = torch.optim.Adam(self.mlp.parameters(), lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                loss = (self(prompt_embeds) - targets).square().mean()
+                loss.backward()
+                optimizer.step()
+        self.zero_grad(set_to_none=True)
+
+    def save(self, output_dir: str) -> str:
+        """Write the head to `output_dir/log_z.safetensors` atomically: a crash leaves the previous file intact."""
+        path = os.path.join(output_dir, LOG_Z_FILE)
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        metadata = {"embedding_dim": str(self.mlp[0].normalized_shape[0]) if self.mlp is not None else "none"}
+        if self.mlp is not None:
+            metadata["hidden_size"] = str(self.mlp[1].out_features)
+        fd, tmp_path = tempfile.mkstemp(dir=output_dir, prefix=".log_z.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp_path, metadata=metadata)
+            os.replace(tmp_path, path)
+        finally:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+        return path
+
+    def load(self, directory: str) -> None:
+        """Restore the head saved by [`LogZ.save`] in `directory`."""
+        state_dict = load_file(os.path.join(directory, LOG_Z_FILE), device=str(self.bias.device))
+        self.load_state_dict(state_dict)

@@ -1,0 +1,104 @@
+"""The PowerFlow objective: length-aware Trajectory Balance towards p_base(y|x)^alpha, as a pure function of tensors."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PowerFlowLossOutput:
+    """Per-sequence outputs of [`powerflow_loss`], all of shape `(B,)`."""
+
+    loss: torch.Tensor  # w · r², zero on invalid rows
+    residual: torch.Tensor  # r, zero on invalid rows
+    importance_weight: torch.Tensor  # w (detached, clipped)
+    is_clipped: torch.Tensor  # whether the raw importance weight fell outside the clipping range
+    valid: torch.Tensor  # rows with at least one completion token and a finite residual
+    policy_logps: torch.Tensor  # (1/|y|) log π_θ(y|x), or log π_θ(y|x) in trajectory mode
+    base_logps: torch.Tensor  # (1/|y|) log p_base(y|x), or log p_base(y|x) in trajectory mode
+    lengths: torch.Tensor  # |y|, EOS included
+
+
+def powerflow_loss(
+    policy_logps: torch.Tensor,
+    base_logps: torch.Tensor,
+    mask: torch.Tensor,
+    log_z: torch.Tensor,
+    alpha: float,
+    psi: torch.Tensor | None = None,
+    old_logps: torch.Tensor | None = None,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.28,
+    length_normalization: bool = True,
+) -> PowerFlowLossOutput:
+    r"""
+    Length-aware Trajectory Balance loss of PowerFlow ([arXiv 2603.18363](https://arxiv.org/abs/2603.18363)).
+
+    With |y| the number of completion tokens (EOS included), the residual of a sampled completion y is
+
+        r(x, y) = log Z'(x) + (1/|y|) log π_θ(y|x) − α · [ (1/|y|) log p_base(y|x) + ψ(y) ]
+
+    and the loss is `w · r²`, with `w` the detached sequence-level importance weight
+
+        w = clip( exp( (1/|y|) Σ_t [log π_θ(y_t|·) − log π_old(y_t|·)] ), 1 − ε_low, 1 + ε_high ),
+
+    which is 1 on-policy. Its fixed point is `π*(y|x) ∝ p_base(y|x)^α · exp(α|y|ψ(y) − λ_x |y|)`, with λ_x = log Z'(x):
+    the α-power of the base model tilted on length. With `length_normalization=False` the residual is plain
+    trajectory balance, `r = log Z(x) + log π_θ(y|x) − α · [log p_base(y|x) + ψ(y)]`, whose fixed point is
+    `p_base^α · exp(αψ) / Z`.
+
+    Args:
+        policy_logps (`torch.Tensor` of shape `(B, T)`):
+            Per-token log-probabilities of the completions under the policy π_θ (with gradients, untempered).
+        base_logps (`torch.Tensor` of shape `(B, T)`):
+            Per-token log-probabilities under the frozen base model.
+        mask (`torch.Tensor` of shape `(B, T)`):
+            1 for completion tokens, 0 for padding. A row without any token is ignored.
+        log_z (`torch.Tensor` of shape `(B,)`):
+            log Z'(x) of each sample's prompt (with gradients for the log Z head).
+        alpha (`float`):
+            The power. α > 1 sharpens the base distribution, α < 1 flattens it.
+        psi (`torch.Tensor` of shape `(B,)`, *optional*):
+            Sequence-level term ψ(y) inside the α bracket (for example a format penalty).
+        old_logps (`torch.Tensor` of shape `(B, T)`, *optional*):
+            Per-token log-probabilities under the policy that sampled the completions. `None` means on-policy (w = 1).
+        epsilon_low (`float`), epsilon_high (`float`):
+            Clipping range of the importance weight.
+        length_normalization (`bool`):
+            Length-aware residual (True) or plain trajectory balance (False).
+    """
+    mask = mask.to(policy_logps.dtype)
+    lengths = mask.sum(-1)
+    has_tokens = lengths > 0
+    # Padding may hold anything (even -inf from the base model): zero it before summing.
+    policy_sum = torch.where(mask.bool(), policy_logps, 0.0).sum(-1)
+    base_sum = torch.where(mask.bool(), base_logps, 0.0).sum(-1)
+    scale = lengths.clamp(min=1.0) if length_normalization else torch.ones_like(lengths)
+    policy_term, base_term = policy_sum / scale, base_sum / scale
+    psi = torch.zeros_like(policy_term) if psi is None else psi.to(policy_term.dtype)
+
+    residual = log_z + policy_term - alpha * (base_term + psi)
+
+    if old_logps is None:
+        log_ratio = torch.zeros_like(policy_term)
+    else:
+        log_ratio = torch.where(mask.bool(), policy_logps.detach() - old_logps, 0.0).sum(-1) / lengths.clamp(min=1.0)
+    raw_weight = torch.exp(log_ratio)
+    importance_weight = raw_weight.clamp(1 - epsilon_low, 1 + epsilon_high)
+    is_clipped = (raw_weight < 1 - epsilon_low) | (raw_weight > 1 + epsilon_high)
+
+    valid = has_tokens & torch.isfinite(residual) & torch.isfinite(importance_weight)
+    # `where` (not multiplication) so a non-finite residual sends no NaN gradient through masked rows
+    residual = torch.where(valid, residual, 0.0)
+    importance_weight = torch.where(valid, importance_weight, 0.0)
+    loss = importance_weight * residual.square()
+    return PowerFlowLossOutput(
+        loss=loss,
+        residual=residual,
+        importance_weight=importance_weight,
+        is_clipped=is_clipped & valid,
+        valid=valid,
+        policy_logps=policy_term.detach(),
+        base_logps=base_term.detach(),
+        lengths=lengths,
+    )

@@ -1,0 +1,290 @@
+"""PowerFlowTrainer: TRL's GRPOTrainer with the PowerFlow objective in place of GRPO's."""
+
+import contextlib
+import copy
+import os
+import textwrap
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+from trl.data_utils import is_conversational
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, get_config_model_id
+
+from .config import PowerFlowConfig
+from .log_z import LOG_Z_FILE, LogZ
+from .objective import powerflow_loss
+
+
+class PowerFlowTrainer(GRPOTrainer):
+    """
+    Trainer for PowerFlow ([arXiv 2603.18363](https://arxiv.org/abs/2603.18363)): unsupervised fine-tuning that
+    trains the model to sample from `p_base(y|x)^alpha`, the α-power of its own base distribution.
+
+    A drop-in replacement for [`~trl.GRPOTrainer`]: it takes the same arguments and reuses GRPO's generation
+    (transformers or vLLM), prompt handling, PEFT and quantisation, logging and checkpoints. Only the objective
+    changes (see [`powerflow_loss`]). `reward_funcs` is optional: without it training is fully unsupervised; with it,
+    the weighted sum of the rewards is the sequence-level term ψ(y) inside the α bracket of the target.
+
+    The base model's log-probabilities are TRL's reference log-probabilities: the adapter-disabled model with PEFT
+    (no second copy), a frozen reference model otherwise. The log Z head belongs to the trainer: it has its own
+    optimizer group and is saved with every checkpoint as `log_z.safetensors`.
+
+    Example:
+
+    ```python
+    from datasets import Dataset
+    from trl_powerflow import PowerFlowConfig, PowerFlowTrainer
+
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is the capital of Peru?"}]] * 64})
+    trainer = PowerFlowTrainer(
+        model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        args=PowerFlowConfig(output_dir="smollm2-powerflow", alpha=4.0),
+        train_dataset=dataset,
+    )
+    trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "powerflow", "gflownet"]
+    _name = "PowerFlow"
+    _paper = {
+        "title": "PowerFlow: Unlocking the Dual Nature of LLMs via Principled Distribution Matching",
+        "id": "2603.18363",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{powerflow2026,
+                title        = {{PowerFlow: Unlocking the Dual Nature of LLMs via Principled Distribution Matching}},
+                year         = 2026,
+                eprint       = {arXiv:2603.18363},
+            }"""),
+    }
+
+    def __init__(self, model, reward_funcs=None, args: PowerFlowConfig | None = None, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = PowerFlowConfig(f"{model_name.split('/')[-1]}-PowerFlow")
+        elif not isinstance(args, PowerFlowConfig):
+            raise TypeError(
+                f"`args` must be a `PowerFlowConfig`, got `{type(args).__name__}`. Replace `GRPOConfig(...)` by "
+                "`PowerFlowConfig(...)`: it accepts every GRPOConfig argument."
+            )
+        _check_dataset(kwargs.get("train_dataset"), kwargs.get("processing_class"))
+
+        # TRL rebuilds a full fine-tuning reference from `config._name_or_path`, which a model passed as an object may
+        # lack or no longer match: freeze a copy of the object itself instead.
+        in_memory_base = None
+        if not isinstance(model, str) and kwargs.get("peft_config") is None and not is_peft_model(model):
+            in_memory_base = copy.deepcopy(model).eval().requires_grad_(False)
+
+        # TRL builds the reference and computes `ref_per_token_logps` only when beta != 0. PowerFlow always needs
+        # them, as the base log-probs of its target; beta is a switch here, never a coefficient (no KL term).
+        # GRPO refuses to start without a reward source; PowerFlow needs none, so hand it a placeholder and drop it
+        unsupervised = not reward_funcs and kwargs.get("environment_factory") is None
+        with _beta_set_to(args, 0.0 if in_memory_base is not None else 1.0):
+            super().__init__(model, [_no_reward] if unsupervised else reward_funcs, args=args, **kwargs)
+        self.beta = 1.0
+        if unsupervised:
+            self.reward_funcs, self.reward_func_names, self.reward_processing_classes = [], [], []
+            self.reward_weights = torch.ones(0)
+        if in_memory_base is not None:
+            self.ref_model = self._prepare_in_memory_base(in_memory_base)
+
+        embeddings = self.accelerator.unwrap_model(self.model).get_input_embeddings()
+        embedding_dim = embeddings.embedding_dim if args.log_z_conditioning == "prompt" else None
+        self.log_z = LogZ(embedding_dim, args.log_z_hidden_size).to(self.accelerator.device)
+        if args.log_z_init == "zero":
+            self.log_z.start_at(0.0)
+        self.add_callback(_LogZGradientCallback(self.log_z, self.accelerator))
+
+    def _prepare_in_memory_base(self, base_model):
+        if self.args.disable_dropout:
+            disable_dropout_in_model(base_model)
+        add_fused_lm_head(base_model, temperature=1.0, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(base_model, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(base_model, self.accelerator)
+        return self.accelerator.prepare_model(base_model, evaluation_mode=True)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        log_z_params = list(self.log_z.parameters())
+        if not any(p is log_z_params[0] for group in optimizer.param_groups for p in group["params"]):
+            optimizer.add_param_group(
+                {"params": log_z_params, "lr": self.args.log_z_learning_rate, "weight_decay": 0.0}
+            )
+        return optimizer
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        device = self.accelerator.device
+        if not self.reward_funcs:  # fully unsupervised: skip GRPO's "every reward function returned None" warning
+            return torch.zeros(len(prompts) * self.accelerator.num_processes, 0, device=device)
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        is_missing = ~torch.isfinite(rewards_per_func)
+        if is_missing.any():
+            func_index = is_missing.any(dim=0).nonzero()[0].item()
+            raise ValueError(
+                f"The reward function '{self.reward_func_names[func_index]}' returned None, NaN or inf for "
+                f"{is_missing[:, func_index].sum().item()} completion(s). PowerFlow adds the weighted rewards to the "
+                "target as ψ(y), so every reward function must return a finite number for every completion."
+            )
+        self._rewards_per_func = rewards_per_func  # gathered across processes; _generate_and_score_completions turns it into ψ
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.reward_funcs:
+            # GRPO turns the rewards into advantages, which PowerFlow does not use: keep their weighted sum ψ(y)
+            rewards_per_func = self._rewards_per_func
+            psi = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).sum(dim=1)
+            num_local = output["completion_ids"].size(0)
+            start = self.accelerator.process_index * num_local
+            output["psi"] = psi[start : start + num_local]
+        return output
+
+    def _prompt_embeddings(self, model, prompt_ids, prompt_mask):
+        """Mean input embedding of each prompt, detached: the input of the prompt-conditioned log Z head."""
+        with torch.no_grad():
+            embeds = self.accelerator.unwrap_model(model).get_input_embeddings()(prompt_ids).float()
+            mask = prompt_mask.unsqueeze(-1).float()
+            return (embeds * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        policy_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True
+        )
+        objective = dict(
+            policy_logps=policy_logps,
+            base_logps=inputs["ref_per_token_logps"],
+            mask=mask,
+            alpha=self.args.alpha,
+            psi=inputs.get("psi"),
+            old_logps=inputs.get("old_per_token_logps"),
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            length_normalization=self.args.length_normalization,
+        )
+        prompt_embeds = self._prompt_embeddings(model, prompt_ids, prompt_mask)
+        mode = "train" if self.model.training else "eval"
+        if mode == "train" and not self.log_z.initialized:
+            # Data-driven start: fit log Z'(x) to the values that zero this batch's residuals, on the same data on
+            # every process so that the head stays identical everywhere
+            with torch.no_grad():
+                gap = powerflow_loss(log_z=torch.zeros_like(policy_logps[:, 0]), **objective)
+            valid = self.accelerator.gather(gap.valid)
+            self.log_z.fit_start(
+                self.accelerator.gather(prompt_embeds)[valid], -self.accelerator.gather(gap.residual)[valid]
+            )
+        log_z = self.log_z(prompt_embeds)
+        out = powerflow_loss(log_z=log_z, **objective)
+
+        loss = out.loss.sum() / out.valid.sum().clamp(min=1)
+        if mode == "train":
+            loss = loss / self.current_gradient_accumulation_steps  # TRL expects the loss already scaled for GA
+
+        # Metrics: means over the valid sequences of all processes
+        valid = out.valid.float()
+        stats = torch.stack(
+            [
+                (log_z.detach() * valid).sum(),
+                (out.residual.detach().abs() * valid).sum(),
+                (out.residual.detach().square() * valid).sum(),
+                (out.base_logps * valid).sum(),
+                (out.policy_logps * valid).sum(),
+                (out.lengths * valid).sum(),
+                (out.is_clipped.float()).sum(),
+                (entropies.detach() * mask).sum(),
+                mask.sum(),
+                valid.sum(),
+                (~out.valid).float().sum(),
+            ]
+        )
+        stats = self.accelerator.reduce(stats, reduction="sum").tolist()
+        num_valid = max(stats[9], 1.0)
+        names = ["log_z", "residual_abs", "residual_sq", "base_logp", "policy_logp", "completion_length", "clip_frac"]
+        for name, total in zip(names, stats[:7], strict=True):
+            self._metrics[mode][f"powerflow/{name}"].append(total / num_valid)
+        self._metrics[mode]["powerflow/invalid_sequences"].append(stats[10])
+        self._metrics[mode]["entropy"].append(stats[7] / max(stats[8], 1.0))
+        return loss
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            self.log_z.save(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_log_z(resume_from_checkpoint)
+
+    def _load_log_z(self, checkpoint):
+        if not os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE)):
+            raise FileNotFoundError(
+                f"{checkpoint} has no {LOG_Z_FILE}: it was not written by PowerFlowTrainer, so log Z cannot be "
+                "restored. Resume from a PowerFlow checkpoint."
+            )
+        self.log_z.load(checkpoint)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call:
+            self.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir or self.args.output_dir)))
+
+
+class _LogZGradientCallback(TrainerCallback):
+    """The log Z head is outside the model: DDP does not average its gradients and `model.zero_grad()` skips it."""
+
+    def __init__(self, log_z, accelerator):
+        self.log_z, self.accelerator = log_z, accelerator
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.accelerator.num_processes > 1:
+            for param in self.log_z.parameters():
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.log_z.zero_grad(set_to_none=True)
+
+
+def _no_reward(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+@contextlib.contextmanager
+def _beta_set_to(args, value):
+    beta = args.beta
+    args.beta = value
+    try:
+        yield
+    finally:
+        args.beta = beta
+
+
+def _check_dataset(dataset, processing_class):
+    """Fail before any model is loaded on a dataset GRPO would only reject at the first step."""
+    if not isinstance(dataset, Dataset):
+        return
+    if "prompt" not in dataset.column_names:
+        raise ValueError(
+            f"The training dataset has no 'prompt' column (columns: {dataset.column_names}). Rename the column that "
+            "holds the prompts with `dataset.rename_column(..., 'prompt')`."
+        )
+    if len(dataset) == 0:
+        raise ValueError("The training dataset is empty: PowerFlow needs prompts to sample completions from.")
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if tokenizer is not None and is_conversational(dataset[0]) and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "The prompts are conversational (lists of messages) but the tokenizer has no chat template. Give the "
+            "tokenizer a `chat_template`, or pass plain-text prompts."
+        )
