@@ -217,6 +217,13 @@ class PowerFlowTrainer(GRPOTrainer):
         self._metrics[mode]["entropy"].append(stats[7] / max(stats[8], 1.0))
         return loss
 
+    def log(self, logs, start_time=None):
+        if not self.reward_funcs:  # GRPO's reward statistics mean nothing without reward functions
+            for name in ["reward", "reward_std", "frac_reward_zero_std"]:
+                self._metrics["train"].pop(name, None)
+                self._metrics["eval"].pop(name, None)
+        super().log(logs, start_time)
+
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)
         if self.args.should_save:

@@ -1,0 +1,72 @@
+"""
+The trainer reaches the exact fixed point of its objective.
+
+A tiny model whose completions (at most 3 tokens) can all be enumerated is trained through `PowerFlowTrainer`; its
+exact sequence distribution (teacher forcing) is then compared with the two targets:
+
+- length-aware TB: π*(y|x) ∝ p(y|x)^α e^{−c_x |y|}, c_x by bisection so that the sum is 1;
+- trajectory TB: p(y|x)^α / Z(x).
+
+A loss curve going down would not show this: a trainer that reaches the wrong fixed point can still lower its loss.
+"""
+
+import pytest
+import torch
+from conftest import make_config, make_model, make_tokenizer
+from datasets import Dataset
+from exact import enumerate_completions, length_aware_target, sequence_log_probs, total_variation, trajectory_target
+
+from trl_powerflow import PowerFlowTrainer
+
+
+WORDS = ["<pad>", "<eos>", "a", "b", "p0", "p1"]
+PROMPTS = ["p0", "p1"]
+MAX_LENGTH = 3
+
+
+def _base_model(tokenizer):
+    # A peaked random base (initializer_range=0.3) where the two targets are far apart, with enough capacity
+    # (2 layers) to represent every conditional of the 2 × 31 prefixes exactly.
+    return make_model(tokenizer, seed=2, hidden_size=32, num_layers=2, initializer_range=0.3)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 0.5])
+@pytest.mark.parametrize("length_normalization", [True, False])
+def test_trainer_reaches_the_exact_fixed_point(tmp_path, alpha, length_normalization):
+    tokenizer = make_tokenizer(WORDS)
+    model = _base_model(tokenizer)
+    completions = enumerate_completions(len(tokenizer), tokenizer.eos_token_id, MAX_LENGTH)
+    lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+    prompt_ids = {p: tokenizer(p)["input_ids"] for p in PROMPTS}
+    targets = {}
+    for prompt, ids in prompt_ids.items():
+        base_logps = sequence_log_probs(model, ids, completions)
+        assert base_logps.exp().sum().item() == pytest.approx(1.0, abs=1e-4)  # the enumeration is complete
+        length_aware, _ = length_aware_target(base_logps, lengths, alpha)
+        targets[prompt] = {True: length_aware, False: trajectory_target(base_logps, alpha)}
+
+    args = make_config(
+        tmp_path,
+        alpha=alpha,
+        length_normalization=length_normalization,
+        max_completion_length=MAX_LENGTH,
+        per_device_train_batch_size=64,
+        num_generations=32,
+        learning_rate=2e-3,
+        max_steps=500,
+        logging_steps=100,
+    )
+    dataset = Dataset.from_dict({"prompt": PROMPTS * 64})
+    trainer = PowerFlowTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+
+    model.eval()
+    for prompt, ids in prompt_ids.items():
+        policy = sequence_log_probs(model, ids, completions).exp()
+        own = total_variation(policy, targets[prompt][length_normalization])
+        other = total_variation(policy, targets[prompt][not length_normalization])
+        gap = total_variation(targets[prompt][True], targets[prompt][False])
+        print(f"alpha={alpha} length_normalization={length_normalization} {prompt}: TV to own target {own:.4f}, "
+              f"to the other {other:.4f} (targets {gap:.4f} apart)")
+        assert own <= 0.05
+        assert other >= gap / 2 and other >= 2 * own

@@ -1,0 +1,97 @@
+"""The objective alone: a pure function of tensors, checked against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from trl_powerflow import powerflow_loss
+
+
+def _inputs(policy, base, mask):
+    return torch.tensor(policy, requires_grad=True), torch.tensor(base), torch.tensor(mask)
+
+
+def test_residual_matches_the_equation():
+    policy, base, mask = _inputs([[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]], [[-2.0, -1.0, 0.0], [-0.5, 0.0, 0.0]],
+                                 [[1, 1, 0], [1, 0, 0]])
+    log_z, psi = torch.tensor([0.3, -0.2]), torch.tensor([0.0, -0.5])
+    out = powerflow_loss(policy, base, mask, log_z, alpha=2.0, psi=psi)
+    # r = log Z + (1/|y|) log π − α [(1/|y|) log p + ψ]
+    expected = torch.tensor([0.3 + (-3.0) / 2 - 2.0 * ((-3.0) / 2), -0.2 + (-3.0) - 2.0 * (-0.5 - 0.5)])
+    torch.testing.assert_close(out.residual, expected)
+    torch.testing.assert_close(out.loss, expected.square())
+    torch.testing.assert_close(out.lengths, torch.tensor([2.0, 1.0]))
+
+
+def test_trajectory_mode_does_not_divide_by_length():
+    policy, base, mask = _inputs([[-1.0, -2.0]], [[-2.0, -1.0]], [[1, 1]])
+    out = powerflow_loss(policy, base, mask, torch.tensor([0.5]), alpha=3.0, length_normalization=False)
+    torch.testing.assert_close(out.residual, torch.tensor([0.5 + (-3.0) - 3.0 * (-3.0)]))
+
+
+def test_zero_residual_and_gradient_at_the_analytic_optimum():
+    # Three completions with |y| = 1, 2, 2 of a toy base distribution; π* ∝ p^α e^{−c|y|} with Σ = 1.
+    base_seq = torch.tensor([math.log(0.5), math.log(0.3), math.log(0.2)])
+    lengths = torch.tensor([1.0, 2.0, 2.0])
+    alpha = 2.0
+    low, high = -20.0, 20.0
+    for _ in range(100):
+        c = (low + high) / 2
+        total = torch.exp(alpha * base_seq - c * lengths).sum()
+        low, high = (c, high) if total > 1 else (low, c)
+    optimum_seq = alpha * base_seq - c * lengths
+    assert torch.exp(optimum_seq).sum().item() == pytest.approx(1.0, abs=1e-6)
+
+    # Spread each sequence's log-prob over its tokens (any split gives the same sums)
+    mask = torch.tensor([[1, 0], [1, 1], [1, 1]])
+    policy = (optimum_seq.unsqueeze(1) / lengths.unsqueeze(1) * mask).requires_grad_()
+    base = base_seq.unsqueeze(1) / lengths.unsqueeze(1) * mask
+    log_z = torch.full((3,), c, requires_grad=True)
+    out = powerflow_loss(policy, base, mask, log_z, alpha=alpha)
+    torch.testing.assert_close(out.residual, torch.zeros(3), atol=1e-5, rtol=0)
+    out.loss.sum().backward()
+    torch.testing.assert_close(policy.grad, torch.zeros_like(policy), atol=1e-5, rtol=0)
+    torch.testing.assert_close(log_z.grad, torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def test_gradient_signs():
+    # r > 0: descent lowers log π and log Z; r < 0: raises them.
+    for log_z_value, sign in [(5.0, 1.0), (-5.0, -1.0)]:
+        policy, base, mask = _inputs([[-1.0, -1.0]], [[-1.0, -1.0]], [[1, 1]])
+        log_z = torch.tensor([log_z_value], requires_grad=True)
+        powerflow_loss(policy, base, mask, log_z, alpha=2.0).loss.sum().backward()
+        assert torch.all(torch.sign(policy.grad) == sign)
+        assert torch.sign(log_z.grad).item() == sign
+
+
+def test_eos_only_completion_has_length_one():
+    policy, base, mask = _inputs([[-0.7, 0.0, 0.0]], [[-0.2, 0.0, 0.0]], [[1, 0, 0]])
+    out = powerflow_loss(policy, base, mask, torch.tensor([0.0]), alpha=4.0)
+    assert out.lengths.item() == 1.0
+    torch.testing.assert_close(out.residual, torch.tensor([-0.7 - 4.0 * -0.2]))
+
+
+def test_masked_rows_are_ignored_even_with_non_finite_values():
+    policy = torch.tensor([[-1.0, -1.0], [float("nan"), -1.0], [-1.0, -1.0]], requires_grad=True)
+    base = torch.tensor([[-1.0, float("-inf")], [-1.0, -1.0], [float("-inf"), -1.0]])
+    mask = torch.tensor([[1, 0], [0, 0], [1, 1]])  # row 1 is fully masked; row 2 has a -inf base token
+    out = powerflow_loss(policy, base, mask, torch.zeros(3), alpha=2.0)
+    assert out.valid.tolist() == [True, False, False]
+    assert torch.isfinite(out.loss).all() and out.loss[1:].eq(0).all()
+    out.loss.sum().backward()
+    assert torch.isfinite(policy.grad).all()
+    assert policy.grad[1:].eq(0).all()
+
+
+def test_importance_weight_is_clipped_and_detached():
+    policy = torch.tensor([[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]], requires_grad=True)
+    base = torch.full((3, 2), -1.0)
+    mask = torch.ones(3, 2)
+    old = torch.tensor([[-1.0, -1.0], [-2.0, -2.0], [-0.5, -0.5]])  # ratios e^0, e^1, e^-0.5 per token
+    out = powerflow_loss(policy, base, mask, torch.ones(3), alpha=1.0, old_logps=old, epsilon_low=0.2,
+                         epsilon_high=0.28)
+    torch.testing.assert_close(out.importance_weight, torch.tensor([1.0, 1.28, 0.8]))
+    assert out.is_clipped.tolist() == [False, True, True]
+    assert not out.importance_weight.requires_grad
+    torch.testing.assert_close(out.loss, out.importance_weight * out.residual.square())
