@@ -1,6 +1,7 @@
 """Configuration of the PowerFlow trainer: GRPO's configuration plus the knobs of the PowerFlow objective."""
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -109,6 +110,13 @@ class PowerFlowConfig(GRPOConfig):
                 f"`temperature` must be 1.0 for PowerFlow, got {self.temperature}: the TB residual needs untempered "
                 "log-probabilities, and TRL computes them at the sampling temperature. Sharpen with `alpha` instead "
                 "(alpha = 1/temperature is the sequence-level counterpart)."
+            )
+        if self.beta != 0.0:
+            warnings.warn(
+                f"`beta={self.beta}` is ignored: PowerFlow has no KL term (the base model enters through the target "
+                "p_base^alpha). Use `alpha` to control how far the model moves.",
+                UserWarning,
+                stacklevel=3,
             )
         if self.log_z_conditioning not in ("prompt", "scalar"):
             raise ValueError(

@@ -19,6 +19,9 @@ from .log_z import LOG_Z_FILE, LogZ
 from .objective import powerflow_loss
 
 
+_MAX_NON_FINITE_BATCHES = 8
+
+
 class PowerFlowTrainer(GRPOTrainer):
     """
     Trainer for PowerFlow ([arXiv 2603.18363](https://arxiv.org/abs/2603.18363)): unsupervised fine-tuning that
@@ -99,6 +102,7 @@ class PowerFlowTrainer(GRPOTrainer):
         if args.log_z_init == "zero":
             self.log_z.start_at(0.0)
         self.add_callback(_LogZGradientCallback(self.log_z, self.accelerator))
+        self._non_finite_batches = 0
 
     def _prepare_in_memory_base(self, base_model):
         if self.args.disable_dropout:
@@ -205,7 +209,7 @@ class PowerFlowTrainer(GRPOTrainer):
                 (entropies.detach() * mask).sum(),
                 mask.sum(),
                 valid.sum(),
-                (~out.valid).float().sum(),
+                ((out.lengths > 0) & ~out.valid).float().sum(),  # non-finite residual or importance weight
             ]
         )
         stats = self.accelerator.reduce(stats, reduction="sum").tolist()
@@ -213,8 +217,17 @@ class PowerFlowTrainer(GRPOTrainer):
         names = ["log_z", "residual_abs", "residual_sq", "base_logp", "policy_logp", "completion_length", "clip_frac"]
         for name, total in zip(names, stats[:7], strict=True):
             self._metrics[mode][f"powerflow/{name}"].append(total / num_valid)
-        self._metrics[mode]["powerflow/invalid_sequences"].append(stats[10])
+        self._metrics[mode]["powerflow/non_finite_sequences"].append(stats[10])
         self._metrics[mode]["entropy"].append(stats[7] / max(stats[8], 1.0))
+        # Non-finite rows are left out of the loss above; a batch with nothing else to learn from is a real problem
+        self._non_finite_batches = self._non_finite_batches + 1 if stats[9] == 0 and stats[10] > 0 else 0
+        if self._non_finite_batches >= _MAX_NON_FINITE_BATCHES:
+            raise RuntimeError(
+                f"Every completion had a non-finite residual in {self._non_finite_batches} batches in a row (see "
+                "`powerflow/non_finite_sequences`): the base model gives some sampled tokens zero probability, or "
+                "the policy diverged. Check that the base model and the policy share the tokenizer, lower the "
+                "learning rate, or resume from the last checkpoint."
+            )
         return loss
 
     def log(self, logs, start_time=None):
