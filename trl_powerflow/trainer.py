@@ -242,22 +242,33 @@ class PowerFlowTrainer(GRPOTrainer):
         if self.args.should_save:
             self.log_z.save(output_dir if output_dir is not None else self.args.output_dir)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._load_log_z(resume_from_checkpoint)
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        # Again here: with DeepSpeed or sharded FSDP the model is saved without going through `_save`
+        if self.args.should_save:
+            self.log_z.save(os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"))
 
-    def _load_log_z(self, checkpoint):
-        if not os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE)):
-            raise FileNotFoundError(
-                f"{checkpoint} has no {LOG_Z_FILE}: it was not written by PowerFlowTrainer, so log Z cannot be "
-                "restored. Resume from a PowerFlow checkpoint."
-            )
-        self.log_z.load(checkpoint)
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Called on resume by every backend (unlike `_load_from_checkpoint`, which DeepSpeed and FSDP bypass)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            if not os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE)):
+                raise FileNotFoundError(
+                    f"{checkpoint} has no {LOG_Z_FILE}: it was not written by PowerFlowTrainer, so log Z cannot be "
+                    "restored. Resume from a PowerFlow checkpoint."
+                )
+            self.log_z.load(checkpoint)
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)
-        if not _internal_call:
-            self.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir or self.args.output_dir)))
+        if not _internal_call and self.is_world_process_zero():
+            # TRL writes the model card to `args.output_dir`: point it at the directory actually saved
+            output_dir = output_dir or self.args.output_dir
+            run_output_dir, self.args.output_dir = self.args.output_dir, output_dir
+            try:
+                self.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir)))
+            finally:
+                self.args.output_dir = run_output_dir
 
 
 class _LogZGradientCallback(TrainerCallback):
