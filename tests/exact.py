@@ -31,6 +31,7 @@ def sequence_log_probs(model, prompt_ids, completions):
 
 def length_aware_target(base_logps, lengths, alpha):
     """π*(y) ∝ p(y)^α e^{−c|y|}, with c found by bisection so that Σ_y p(y)^α e^{−c|y|} = 1."""
+
     def log_total(c):
         return torch.logsumexp(alpha * base_logps - c * lengths, dim=0)
 

@@ -66,7 +66,9 @@ def test_trainer_reaches_the_exact_fixed_point(tmp_path, alpha, length_normaliza
         own = total_variation(policy, targets[prompt][length_normalization])
         other = total_variation(policy, targets[prompt][not length_normalization])
         gap = total_variation(targets[prompt][True], targets[prompt][False])
-        print(f"alpha={alpha} length_normalization={length_normalization} {prompt}: TV to own target {own:.4f}, "
-              f"to the other {other:.4f} (targets {gap:.4f} apart)")
+        print(
+            f"alpha={alpha} length_normalization={length_normalization} {prompt}: TV to own target {own:.4f}, "
+            f"to the other {other:.4f} (targets {gap:.4f} apart)"
+        )
         assert own <= 0.05
         assert other >= gap / 2 and other >= 2 * own

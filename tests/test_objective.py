@@ -13,8 +13,9 @@ def _inputs(policy, base, mask):
 
 
 def test_residual_matches_the_equation():
-    policy, base, mask = _inputs([[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]], [[-2.0, -1.0, 0.0], [-0.5, 0.0, 0.0]],
-                                 [[1, 1, 0], [1, 0, 0]])
+    policy, base, mask = _inputs(
+        [[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]], [[-2.0, -1.0, 0.0], [-0.5, 0.0, 0.0]], [[1, 1, 0], [1, 0, 0]]
+    )
     log_z, psi = torch.tensor([0.3, -0.2]), torch.tensor([0.0, -0.5])
     out = powerflow_loss(policy, base, mask, log_z, alpha=2.0, psi=psi)
     # r = log Z + (1/|y|) log π − α [(1/|y|) log p + ψ]
@@ -89,8 +90,9 @@ def test_importance_weight_is_clipped_and_detached():
     base = torch.full((3, 2), -1.0)
     mask = torch.ones(3, 2)
     old = torch.tensor([[-1.0, -1.0], [-2.0, -2.0], [-0.5, -0.5]])  # ratios e^0, e^1, e^-0.5 per token
-    out = powerflow_loss(policy, base, mask, torch.ones(3), alpha=1.0, old_logps=old, epsilon_low=0.2,
-                         epsilon_high=0.28)
+    out = powerflow_loss(
+        policy, base, mask, torch.ones(3), alpha=1.0, old_logps=old, epsilon_low=0.2, epsilon_high=0.28
+    )
     torch.testing.assert_close(out.importance_weight, torch.tensor([1.0, 1.28, 0.8]))
     assert out.is_clipped.tolist() == [False, True, True]
     assert not out.importance_weight.requires_grad

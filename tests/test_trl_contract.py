@@ -26,11 +26,19 @@ def test_trl_version_is_the_tested_one():
 def test_overridden_methods_keep_their_signatures():
     assert _parameters(GRPOTrainer._generate_and_score_completions) == ["self", "inputs"]
     assert _parameters(GRPOTrainer._calculate_rewards) == [
-        "self", "inputs", "prompts", "completions", "completion_ids_list"
+        "self",
+        "inputs",
+        "prompts",
+        "completions",
+        "completion_ids_list",
     ]
     assert _parameters(GRPOTrainer._compute_loss) == ["self", "model", "inputs"]
     assert _parameters(GRPOTrainer._get_per_token_logps_and_entropies)[:5] == [
-        "self", "model", "input_ids", "attention_mask", "logits_to_keep"
+        "self",
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
     ]
     assert "compute_entropy" in _parameters(GRPOTrainer._get_per_token_logps_and_entropies)
     assert _parameters(GRPOTrainer._save)[:3] == ["self", "output_dir", "state_dict"]

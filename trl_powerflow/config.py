@@ -34,8 +34,8 @@ class PowerFlowConfig(GRPOConfig):
             Learning rate of the log Z head (its own optimizer group, no weight decay). It must track its target
             faster than the policy moves, hence far larger than the policy's.
         log_z_init (`str`, *optional*, defaults to `"first_batch"`):
-            `"first_batch"`: start log Z' at the value that zeroes the mean residual of the first batch (at the start
-            the residual is dominated by `(1 - alpha) * mean base log-prob`, many nats). `"zero"`: start at 0.
+            `"first_batch"`: fit log Z'(x) to the values that zero the residuals of the first batch (at the start the
+            residual is dominated by `(1 - alpha) * mean base log-prob`, many nats). `"zero"`: start at 0.
         epsilon (`float`, *optional*, defaults to `0.2`):
             Lower clipping bound of the sequence-level importance weight: `w >= 1 - epsilon`.
         epsilon_high (`float`, *optional*, defaults to `0.28`):
@@ -81,7 +81,8 @@ class PowerFlowConfig(GRPOConfig):
     log_z_init: str = field(
         default="first_batch",
         metadata={
-            "help": "Start of log Z': 'first_batch' (the value that zeroes the first batch's mean residual) or 'zero'.",
+            "help": "Start of log Z': 'first_batch' (fitted to the values that zero the first batch's residuals) or "
+            "'zero'.",
             "choices": ["first_batch", "zero"],
         },
     )
@@ -119,9 +120,7 @@ class PowerFlowConfig(GRPOConfig):
                 stacklevel=3,
             )
         if self.log_z_conditioning not in ("prompt", "scalar"):
-            raise ValueError(
-                f"`log_z_conditioning` must be 'prompt' or 'scalar', got {self.log_z_conditioning!r}."
-            )
+            raise ValueError(f"`log_z_conditioning` must be 'prompt' or 'scalar', got {self.log_z_conditioning!r}.")
         if self.log_z_init not in ("first_batch", "zero"):
             raise ValueError(f"`log_z_init` must be 'first_batch' or 'zero', got {self.log_z_init!r}.")
         if not self.log_z_learning_rate > 0:

@@ -1,4 +1,4 @@
-"""The PowerFlow objective: length-aware Trajectory Balance towards p_base(y|x)^alpha, as a pure function of tensors."""
+"""The PowerFlow objective: length-aware Trajectory Balance towards p_base(y|x)^alpha, a pure function of tensors."""
 
 from dataclasses import dataclass
 

@@ -3,12 +3,15 @@
 import contextlib
 import copy
 import os
+import re
 import textwrap
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers import TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.models import prepare_deepspeed, prepare_fsdp
@@ -18,6 +21,8 @@ from .config import PowerFlowConfig
 from .log_z import LOG_Z_FILE, LogZ
 from .objective import powerflow_loss
 
+
+logger = logging.get_logger(__name__)
 
 _MAX_NON_FINITE_BATCHES = 8
 
@@ -136,7 +141,9 @@ class PowerFlowTrainer(GRPOTrainer):
                 f"{is_missing[:, func_index].sum().item()} completion(s). PowerFlow adds the weighted rewards to the "
                 "target as ψ(y), so every reward function must return a finite number for every completion."
             )
-        self._rewards_per_func = rewards_per_func  # gathered across processes; _generate_and_score_completions turns it into ψ
+        self._rewards_per_func = (
+            rewards_per_func  # gathered across processes; _generate_and_score_completions turns it into ψ
+        )
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
@@ -148,6 +155,14 @@ class PowerFlowTrainer(GRPOTrainer):
             num_local = output["completion_ids"].size(0)
             start = self.accelerator.process_index * num_local
             output["psi"] = psi[start : start + num_local]
+        mode = "train" if self.model.training else "eval"
+        rates = [
+            repeated_ngram_rate(ids[mask.bool()].tolist())
+            for ids, mask in zip(output["completion_ids"].cpu(), output["completion_mask"].cpu(), strict=True)
+        ]
+        rates = torch.tensor([r for r in rates if r is not None] or [0.0], device=self.accelerator.device)
+        totals = self.accelerator.reduce(torch.stack([rates.sum(), torch.tensor(float(len(rates)))]), reduction="sum")
+        self._metrics[mode]["powerflow/repeated_ngram_rate"].append((totals[0] / totals[1]).item())
         return output
 
     def _prompt_embeddings(self, model, prompt_ids, prompt_mask):
@@ -248,6 +263,14 @@ class PowerFlowTrainer(GRPOTrainer):
         if self.args.should_save:
             self.log_z.save(os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"))
 
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        if resume_from_checkpoint is True:
+            # Trainer takes the highest-numbered checkpoint, even one left half-written by a crash during its save
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         # Called on resume by every backend (unlike `_load_from_checkpoint`, which DeepSpeed and FSDP bypass)
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -286,6 +309,30 @@ class _LogZGradientCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.log_z.zero_grad(set_to_none=True)
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The latest `checkpoint-N` in `output_dir` whose save finished (its trainer state, written last, is there)."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(
+        (int(name.split("-")[-1]) for name in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", name)),
+        reverse=True,
+    )
+    for step in steps:
+        checkpoint = os.path.join(output_dir, f"checkpoint-{step}")
+        if os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)) and os.path.isfile(
+            os.path.join(checkpoint, LOG_Z_FILE)
+        ):
+            return checkpoint
+        logger.warning(f"Skipping {checkpoint}: its save did not finish.")
+    return None
+
+
+def repeated_ngram_rate(token_ids: list[int], n: int = 3) -> float | None:
+    """Fraction of the n-grams of a completion that repeat an earlier one (None when shorter than n)."""
+    ngrams = [tuple(token_ids[i : i + n]) for i in range(len(token_ids) - n + 1)]
+    return 1.0 - len(set(ngrams)) / len(ngrams) if ngrams else None
 
 
 def _no_reward(completions, **kwargs):

@@ -1,0 +1,161 @@
+"""Long unattended runs: resume that matches, crashes that lose nothing, non-finite values, collapse guards."""
+
+import os
+
+import pytest
+import torch
+from conftest import make_config, make_model, make_tokenizer
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from trl_powerflow import CollapseGuardCallback, PowerFlowTrainer
+from trl_powerflow.log_z import LogZ
+from trl_powerflow.trainer import repeated_ngram_rate
+
+
+def _trainer(output_dir, tokenizer, callbacks=None, **overrides):
+    args = make_config(output_dir, **overrides)
+    dataset = Dataset.from_dict({"prompt": ["p0", "p1", "p0 a", "p1 b"] * 4})
+    model = make_model(tokenizer)
+    return PowerFlowTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+
+
+def _assert_same_state(a, b):
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    for p, q in zip(a.log_z.parameters(), b.log_z.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+class _StopAt(TrainerCallback):
+    """Interrupt a run after `step` optimizer steps (after the checkpoint of that step is written)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resumed_run_matches_the_uninterrupted_one(tmp_path, tokenizer):
+    full = _trainer(tmp_path / "full", tokenizer, max_steps=4)
+    full.train()
+    interrupted = _trainer(
+        tmp_path / "run", tokenizer, callbacks=[_StopAt(2)], max_steps=4, save_strategy="steps", save_steps=2
+    )
+    interrupted.train()
+    assert interrupted.state.global_step == 2
+    resumed = _trainer(tmp_path / "run", tokenizer, max_steps=4, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    _assert_same_state(full, resumed)
+    # and the logged trajectories after the resume point agree
+    full_steps = {log["step"]: log["loss"] for log in full.state.log_history if "loss" in log}
+    resumed_steps = {log["step"]: log["loss"] for log in resumed.state.log_history if "loss" in log}
+    for step in (3, 4):
+        assert resumed_steps[step] == pytest.approx(full_steps[step], abs=1e-6)
+
+
+def test_crash_during_a_checkpoint_save_leaves_the_previous_one_loadable(tmp_path, tokenizer, monkeypatch):
+    output_dir = tmp_path / "run"
+    trainer = _trainer(output_dir, tokenizer, max_steps=3, save_strategy="steps", save_steps=1)
+    save = LogZ.save
+
+    def crash_at_step_2(self, directory):
+        if directory.endswith("checkpoint-2"):
+            raise KeyboardInterrupt("killed while saving checkpoint-2")
+        return save(self, directory)
+
+    monkeypatch.setattr(LogZ, "save", crash_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    monkeypatch.setattr(LogZ, "save", save)
+    assert not (output_dir / "checkpoint-2" / "trainer_state.json").exists()  # the half-written one
+    assert not [name for name in os.listdir(output_dir / "checkpoint-1") if name.endswith(".tmp")]
+
+    # `resume_from_checkpoint=True` skips the half-written checkpoint-2 and continues from checkpoint-1
+    resumed = _trainer(output_dir, tokenizer, max_steps=3, save_strategy="steps", save_steps=1)
+    resumed.train(resume_from_checkpoint=True)
+    full = _trainer(tmp_path / "full", tokenizer, max_steps=3)
+    full.train()
+    assert resumed.state.global_step == 3
+    _assert_same_state(full, resumed)
+
+
+def _with_base_logps(trainer, corrupt):
+    generate = trainer._generate_and_score_completions
+
+    def corrupted(inputs):
+        output = generate(inputs)
+        corrupt(output["ref_per_token_logps"])
+        return output
+
+    trainer._generate_and_score_completions = corrupted
+
+
+def test_a_non_finite_base_log_prob_never_reaches_the_weights(tmp_path, tokenizer):
+    trainer = _trainer(tmp_path, tokenizer, max_steps=3)
+    _with_base_logps(trainer, lambda base: base[0, 0].fill_(float("-inf")))  # one sequence per batch
+    trainer.train()
+    counted = [log["powerflow/non_finite_sequences"] for log in trainer.state.log_history if "loss" in log]
+    assert counted == [1.0, 1.0, 1.0]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.log_z.parameters())
+    assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)
+
+
+def test_a_persistent_non_finite_residual_stops_training_with_a_message(tmp_path, tokenizer):
+    trainer = _trainer(tmp_path, tokenizer, max_steps=20)
+    _with_base_logps(trainer, lambda base: base.fill_(float("nan")))
+    with pytest.raises(RuntimeError, match="non-finite residual in 8 batches in a row"):
+        trainer.train()
+    assert trainer.state.global_step < 8
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_repeated_ngram_rate():
+    assert repeated_ngram_rate([1, 2, 3, 4, 5]) == 0.0
+    assert repeated_ngram_rate([7, 7, 7, 7, 7, 7]) == pytest.approx(3 / 4)
+    assert repeated_ngram_rate([1, 2]) is None
+
+
+def test_collapse_guard_flags_each_failure_mode():
+    guard = CollapseGuardCallback(min_length_ratio=0.5, max_repeated_ngram_rate=0.4, min_entropy=0.1)
+    guard.initial_length = 10.0
+    assert guard.problems({"completions/mean_length": 8.0, "powerflow/repeated_ngram_rate": 0.1, "entropy": 1.0}) == []
+    found = guard.problems({"completions/mean_length": 4.0, "powerflow/repeated_ngram_rate": 0.6, "entropy": 0.01})
+    assert [problem.split(":")[0] for problem in found] == ["length collapse", "repetition", "entropy collapse"]
+    with pytest.raises(ValueError, match="min_length_ratio"):
+        CollapseGuardCallback(min_length_ratio=1.5)
+
+
+@pytest.mark.parametrize("length_normalization", [False, True])
+def test_collapse_guard_stops_plain_trajectory_tb_when_its_length_collapses(tmp_path, length_normalization):
+    # A near-uniform tiny base: p(y)^4 / Z puts almost all its mass on the EOS-only completion, so plain TB
+    # collapses the length; the length-aware objective's tilt keeps it.
+    tokenizer = make_tokenizer()
+    guard = CollapseGuardCallback(min_length_ratio=0.5, patience=2, stop=True)
+    args = make_config(
+        tmp_path,
+        alpha=4.0,
+        length_normalization=length_normalization,
+        max_completion_length=8,
+        max_steps=40,
+        per_device_train_batch_size=16,
+        num_generations=8,
+        learning_rate=3e-3,
+    )
+    dataset = Dataset.from_dict({"prompt": ["p0", "p1"] * 16})
+    trainer = PowerFlowTrainer(
+        make_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[guard]
+    )
+    trainer.train()
+    lengths = [log["completions/mean_length"] for log in trainer.state.log_history if "loss" in log]
+    if length_normalization:
+        assert guard.stopped_because is None and trainer.state.global_step == 40
+        assert min(lengths) > 0.5 * lengths[0]
+    else:
+        assert guard.stopped_because is not None and guard.stopped_because.startswith("length collapse")
+        assert trainer.state.global_step < 40
+        assert lengths[-1] < 0.5 * lengths[0]
