@@ -103,7 +103,11 @@ class PowerFlowTrainer(GRPOTrainer):
 
         embeddings = self.accelerator.unwrap_model(self.model).get_input_embeddings()
         embedding_dim = embeddings.embedding_dim if args.log_z_conditioning == "prompt" else None
-        self.log_z = LogZ(embedding_dim, args.log_z_hidden_size).to(self.accelerator.device)
+        # GRPO leaves a different seed on each process (for sampling): draw the head's init from the run's seed so
+        # that every process starts from the same head
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            self.log_z = LogZ(embedding_dim, args.log_z_hidden_size).to(self.accelerator.device)
         if args.log_z_init == "zero":
             self.log_z.start_at(0.0)
         self.add_callback(_LogZGradientCallback(self.log_z, self.accelerator))

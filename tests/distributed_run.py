@@ -1,0 +1,43 @@
+"""Train a tiny model for a few steps; launched by tests/test_distributed.py with 1 or 2 processes (torchrun)."""
+
+import os
+import sys
+
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+from conftest import make_config, make_model, make_tokenizer  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from trl_powerflow import PowerFlowTrainer  # noqa: E402
+
+
+def main(output_dir, per_device_batch_size):
+    tokenizer = make_tokenizer()
+    args = make_config(
+        output_dir,
+        per_device_train_batch_size=per_device_batch_size,
+        num_generations=8,
+        max_steps=3,
+        learning_rate=1e-2,
+        # SGD and a residual far from zero: Adam would turn float rounding in near-zero gradients into full steps
+        optim="sgd",
+        log_z_init="zero",
+        log_z_learning_rate=1e-2,
+        # Greedy decoding: both runs see the same completions, so only the training arithmetic is compared
+        generation_kwargs={"do_sample": False},
+    )
+    dataset = Dataset.from_dict({"prompt": ["p0", "p1", "p0 a", "p1 b", "a p0", "b p1"] * 4})
+    trainer = PowerFlowTrainer(make_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()
+    # Every process keeps its own copy of the log Z head: they must agree
+    rank = trainer.accelerator.process_index
+    torch.save(trainer.log_z.state_dict(), os.path.join(output_dir, f"log_z_rank{rank}.pt"))
+    with open(os.path.join(output_dir, f"should_save_rank{rank}.txt"), "w") as f:
+        f.write(str(trainer.args.should_save))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
