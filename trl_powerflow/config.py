@@ -119,6 +119,11 @@ class PowerFlowConfig(GRPOConfig):
                 UserWarning,
                 stacklevel=3,
             )
+        if self.sync_ref_model:
+            raise ValueError(
+                "`sync_ref_model=True` would move the base model towards the policy, but the base model defines "
+                "PowerFlow's target p_base^alpha. Set `sync_ref_model=False`; for a stronger effect raise `alpha`."
+            )
         if self.log_z_conditioning not in ("prompt", "scalar"):
             raise ValueError(f"`log_z_conditioning` must be 'prompt' or 'scalar', got {self.log_z_conditioning!r}.")
         if self.log_z_init not in ("first_batch", "zero"):

@@ -145,9 +145,8 @@ class PowerFlowTrainer(GRPOTrainer):
                 f"{is_missing[:, func_index].sum().item()} completion(s). PowerFlow adds the weighted rewards to the "
                 "target as ψ(y), so every reward function must return a finite number for every completion."
             )
-        self._rewards_per_func = (
-            rewards_per_func  # gathered across processes; _generate_and_score_completions turns it into ψ
-        )
+        # Gathered across processes; `_generate_and_score_completions` turns it into ψ
+        self._rewards_per_func = rewards_per_func
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
