@@ -58,6 +58,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .sampling import load_model_and_tokenizer
+
 
 __all__ = [
     "MATCHERS",
@@ -427,22 +429,6 @@ def rouge_l_redundancy(samples_per_prompt: Sequence[Sequence[str]]) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # Models, prompts and sampling
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def load_model_and_tokenizer(name_or_path: str = "smollm2-135m", device=None, dtype=None):
-    """Loads a causal LM and its tokenizer for evaluation (eval mode). `name_or_path` is an embedded short name
-    (`"smollm2-135m"`, converted once, see `trl_powerflow.models`), a hub id or a local directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .models import resolve_model_name_or_path
-
-    path = resolve_model_name_or_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
-    if device is not None:
-        model.to(device)
-    return model, tokenizer
 
 
 def _prompt_list(prompts) -> list:
