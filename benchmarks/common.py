@@ -1,0 +1,150 @@
+"""Shared bits of the benchmark scripts: environment, training one configuration, statistics, results writing.
+
+Not a library: small helpers so that `elicitation.py`, `creativity.py` and `length_ablation.py` do not repeat
+themselves. Evaluation itself comes from `trl_powerflow.evaluation`.
+"""
+
+import datetime
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def setup_environment(threads: int) -> None:
+    """Offline hub, no telemetry, and a fixed number of CPU threads (call before the first heavy import)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def add_common_arguments(parser) -> None:
+    """Flags every benchmark shares."""
+    parser.add_argument("--model", default="smollm2-135m", help="Base model: embedded short name, hub id or directory.")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small batches on a busy 2-core machine).")
+    parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank (all linear layers, lora_alpha = 2r).")
+    parser.add_argument("--learning_rate", type=float, default=2e-4, help="Learning rate of the LoRA weights.")
+    parser.add_argument("--log_z_learning_rate", type=float, default=1e-2, help="Learning rate of PowerFlow's log Z head.")
+    parser.add_argument("--prompts_per_step", type=int, default=4, help="Distinct prompts per training step.")
+    parser.add_argument("--num_generations", type=int, default=8, help="Sampled completions per prompt in training.")
+    parser.add_argument("--logging_steps", type=int, default=5, help="Log training metrics every N steps.")
+    parser.add_argument("--name", default=None, help="Results folder name under benchmarks/results/ (default: the script's name).")
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv])
+
+
+def train_one(
+    kind: str,
+    model_path: str,
+    tokenizer,
+    train_dataset,
+    args,
+    max_steps: int,
+    max_completion_length: int,
+    seed: int,
+    alpha: float = 1.0,
+    length_normalization: bool = True,
+    reward_funcs=None,
+    callbacks=None,
+):
+    """Trains one configuration with LoRA on the CPU; `kind` is "powerflow" or "grpo" (TRL's GRPOTrainer).
+
+    Returns `(trainer, train_seconds)`; `trainer.model` is the trained (PEFT) model, ready for evaluation.
+    """
+    import torch
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_powerflow import PowerFlowConfig, PowerFlowTrainer
+
+    on_cpu = not torch.cuda.is_available()
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix=f"bench-{kind}-"),
+        learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.prompts_per_step * args.num_generations,
+        num_generations=args.num_generations,
+        max_completion_length=max_completion_length,
+        max_steps=max_steps,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        gradient_checkpointing=False,
+        use_cpu=on_cpu,
+        bf16=False if on_cpu else None,
+        report_to="none",
+        seed=seed,
+        disable_tqdm=False,
+        temperature=1.0,
+    )
+    peft_config = LoraConfig(
+        r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    kwargs = dict(train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    if kind == "powerflow":
+        config = PowerFlowConfig(
+            alpha=alpha,
+            length_normalization=length_normalization,
+            log_z_learning_rate=args.log_z_learning_rate,
+            **common,
+        )
+        trainer = PowerFlowTrainer(model_path, reward_funcs=reward_funcs, args=config, **kwargs)
+    elif kind == "grpo":
+        trainer = GRPOTrainer(model_path, reward_funcs=reward_funcs, args=GRPOConfig(beta=0.0, **common), **kwargs)
+    else:
+        raise ValueError(kind)
+    start = time.perf_counter()
+    trainer.train()
+    return trainer, time.perf_counter() - start
+
+
+def mean_spread(values) -> tuple[float, float]:
+    """Mean and spread (half the range; 0 for one value) of a list of numbers."""
+    values = list(values)
+    return statistics.fmean(values), (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+
+
+def fmt(values, scale: float = 1.0, digits: int = 1) -> str:
+    """`mean ± spread` (or the single value) of `values * scale`."""
+    mean, spread = mean_spread(v * scale for v in values)
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {spread:.{digits}f}"
+
+
+def markdown_table(headers, rows) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def results_dir(name: str) -> Path:
+    path = RESULTS_DIR / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_results(name: str, table: str, data: dict, notes: str = "", started: float | None = None) -> Path:
+    """Writes README.md (table, command, date, wall time, notes) and results.json under benchmarks/results/<name>/."""
+    path = results_dir(name)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    wall = f"{(time.time() - started) / 60:.1f} min" if started is not None else "?"
+    plots = sorted(p.name for p in path.glob("*.png"))
+    text = [f"# {name}", "", f"Date: {now}. Wall time: {wall}.", "", "Command:", "", "```", command_line(), "```", ""]
+    text += [table, ""]
+    if notes:
+        text += [notes, ""]
+    if plots:
+        text += ["Plots: " + ", ".join(f"[{p}]({p})" for p in plots), ""]
+    (path / "README.md").write_text("\n".join(text))
+    (path / "results.json").write_text(json.dumps({"command": command_line(), "date": now, **data}, indent=1, default=str))
+    return path
