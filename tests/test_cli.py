@@ -10,6 +10,7 @@ from conftest import make_model, make_tokenizer
 
 from trl_powerflow import models
 from trl_powerflow.cli import main
+from trl_powerflow.demo import answer_matches
 from trl_powerflow.sampling import sample
 
 
@@ -143,6 +144,33 @@ def test_train_then_sample(capsys, tiny_model_dir, prompts_file, tmp_path):
     assert len(completions) == 2 and all(len(texts) == 3 for texts in completions)
     assert all(isinstance(text, str) for texts in completions for text in texts)
 
-    main(["sample", "--model_name_or_path", str(output_dir), "--prompt", "p0", "--num_samples", "2"])
+    main(["sample", "--model_name_or_path", str(output_dir), "--prompt", "p0", "--prompt", "p1", "--num_samples", "2"])
     out = capsys.readouterr().out
-    assert "### p0" in out and "[2]" in out
+    assert "### p0" in out and "### p1" in out and "[2]" in out
+
+
+def test_answer_matches():
+    assert answer_matches("The capital of Peru is LIMA.", ["Lima"])
+    assert answer_matches("It is Kyiv", ["Kiev", "Kyiv"])
+    assert not answer_matches("Cusco", ["Lima", ""])
+
+
+@pytest.mark.slow
+def test_demo_small(capsys, tmp_path):
+    try:
+        models.resolve_model_name_or_path("smollm2-135m")
+    except ModuleNotFoundError as error:
+        pytest.skip(str(error))
+    sizes = {
+        "--max_steps": "1",
+        "--prompts_per_step": "2",
+        "--num_generations": "2",
+        "--max_completion_length": "4",
+        "--num_eval_prompts": "2",
+        "--eval_samples": "2",
+        "--num_examples": "1",
+    }
+    main(["demo", "--output_dir", str(tmp_path), *[item for pair in sizes.items() for item in pair]])
+    out = capsys.readouterr().out
+    assert "accuracy (avg@2)" in out and "mean completion length" in out and "Trained 1 steps" in out
+    assert (tmp_path / "log_z.safetensors").is_file() and (tmp_path / "adapter_model.safetensors").is_file()

@@ -13,6 +13,7 @@ trl-powerflow demo
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, TrlParser
@@ -78,7 +79,12 @@ class SampleArguments:
         metadata={"help": "A training output directory (full model or LoRA adapter), a hub id, or 'smollm2-135m'."},
     )
     prompt: list[str] = field(
-        default=None, metadata={"help": "Prompt(s), sent as a user message when the model has a chat template."}
+        default=None,
+        metadata={
+            "help": "Prompt(s): --prompt 'Q1' 'Q2' or --prompt 'Q1' --prompt 'Q2'. Each is sent as a user message "
+            "when the model has a chat template.",
+            "action": "extend",
+        },
     )
     num_samples: int = field(default=4, metadata={"help": "Completions per prompt."})
     max_new_tokens: int = field(default=32, metadata={"help": "Longest completion in tokens."})
@@ -156,6 +162,8 @@ def load_prompts(script_args: PowerFlowScriptArguments, split: str):
             f"--dataset_name is required: a built-in prompt set ({', '.join(PROMPT_SETS)}), a hub dataset id, a local "
             ".json/.jsonl/.csv/.parquet file or a save_to_disk directory."
         )
+    if script_args.dataset_kinds and name not in PROMPT_SETS:
+        raise CLIError(f"--dataset_kinds applies to the built-in prompt sets ({', '.join(PROMPT_SETS)}) only.")
     if name in PROMPT_SETS and not os.path.exists(name):
         from .prompt_sets import load_prompt_set
 
@@ -295,6 +303,8 @@ def train(script_args: PowerFlowScriptArguments, training_args: PowerFlowConfig,
 
 
 def sample_command(args: SampleArguments) -> list[list[str]]:
+    import torch
+
     from .sampling import sample
 
     if not args.prompt:
@@ -302,6 +312,10 @@ def sample_command(args: SampleArguments) -> list[list[str]]:
     name = args.model_name_or_path
     if _looks_like_path(name) and not os.path.exists(name):
         raise CLIError(f"Model '{name}' not found: no such directory.")
+    if not has_accelerator() and "OMP_NUM_THREADS" not in os.environ and len(args.prompt) * args.num_samples <= 16:
+        # A few sequences at a time: one CPU thread generates as fast as two on an idle machine and 3x faster on a
+        # busy one (measured with SmolLM2-135M, 2 cores)
+        torch.set_num_threads(1)
     try:
         completions = sample(
             name,
@@ -331,6 +345,8 @@ def _parse(parser: TrlParser, argv: list[str]):
 def main(argv: list[str] | None = None):
     """Entry point of the `trl-powerflow` console script."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # TRL 1.16 still uses transformers' old `gradient_checkpointing*` names: deprecation noise a user cannot act on
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing\w*` is deprecated", category=FutureWarning)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(OVERVIEW)

@@ -45,8 +45,11 @@ class DemoArguments:
     num_train_prompts: int | None = field(
         default=None, metadata={"help": "Use only the first N training questions (default: all of the train split)."}
     )
-    num_eval_prompts: int = field(default=40, metadata={"help": "Held-out questions evaluated before and after."})
-    eval_samples: int = field(default=8, metadata={"help": "Samples per held-out question (accuracy is avg@k)."})
+    num_eval_prompts: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate on the first N held-out questions (default: all 81 of the test split)."},
+    )
+    eval_samples: int = field(default=4, metadata={"help": "Samples per held-out question (accuracy is avg@k)."})
     eval_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the evaluation."})
     num_examples: int = field(default=4, metadata={"help": "Questions whose sample answers are printed."})
     logging_steps: int = field(default=5, metadata={"help": "Log training metrics every N steps."})
@@ -92,7 +95,7 @@ def evaluate(model, tokenizer, dataset, args: DemoArguments) -> dict:
     }
 
 
-def _shorten(text: str, width: int = 38) -> str:
+def _shorten(text: str, width: int = 70) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -112,11 +115,9 @@ def format_report(dataset, before: dict, after: dict, args: DemoArguments, num_e
         question = row["prompt"][-1]["content"] if isinstance(row["prompt"], list) else row["prompt"]
         lines += ["", f"{question}  [{row['answer']}]"]
         for side, result in (("before", before), ("after", after)):
-            shown = [
-                f"{'✓' if ok else '✗'} {_shorten(text)!r}"
-                for text, ok in zip(result["completions"][i][:3], result["correct"][i][:3], strict=True)
-            ]
-            lines.append(f"  {side:>6}: " + "   ".join(shown))
+            shown = zip(result["completions"][i][:3], result["correct"][i][:3], strict=True)
+            for j, (text, ok) in enumerate(shown):
+                lines.append(f"  {side if j == 0 else '':>6}  {'✓' if ok else '✗'} {_shorten(text)!r}")
     return "\n".join(lines)
 
 
@@ -137,7 +138,8 @@ def run_demo(args: DemoArguments) -> dict:
     if args.num_train_prompts is not None:
         train_dataset = train_dataset.select(range(min(args.num_train_prompts, len(train_dataset))))
     test_dataset = load_prompt_set("capitals", split="test", kinds=["capital"], seed=args.seed)
-    test_dataset = test_dataset.select(range(min(args.num_eval_prompts, len(test_dataset))))
+    if args.num_eval_prompts is not None:
+        test_dataset = test_dataset.select(range(min(args.num_eval_prompts, len(test_dataset))))
     # The answers stay out of training: the trainer only sees the prompts
     train_dataset = train_dataset.select_columns(["prompt"])
 
