@@ -31,15 +31,26 @@ def setup_environment(threads: int) -> None:
 
 def add_common_arguments(parser) -> None:
     """Flags every benchmark shares."""
-    parser.add_argument("--model", default="smollm2-135m", help="Base model: embedded short name, hub id or directory.")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small batches on a busy 2-core machine).")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="Base model: embedded short name, hub id or directory."
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1 is fastest for small batches on a busy 2-core machine).",
+    )
     parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank (all linear layers, lora_alpha = 2r).")
     parser.add_argument("--learning_rate", type=float, default=2e-4, help="Learning rate of the LoRA weights.")
-    parser.add_argument("--log_z_learning_rate", type=float, default=1e-2, help="Learning rate of PowerFlow's log Z head.")
+    parser.add_argument(
+        "--log_z_learning_rate", type=float, default=1e-2, help="Learning rate of PowerFlow's log Z head."
+    )
     parser.add_argument("--prompts_per_step", type=int, default=4, help="Distinct prompts per training step.")
     parser.add_argument("--num_generations", type=int, default=8, help="Sampled completions per prompt in training.")
     parser.add_argument("--logging_steps", type=int, default=5, help="Log training metrics every N steps.")
-    parser.add_argument("--name", default=None, help="Results folder name under benchmarks/results/ (default: the script's name).")
+    parser.add_argument(
+        "--name", default=None, help="Results folder name under benchmarks/results/ (default: the script's name)."
+    )
 
 
 def command_line() -> str:
@@ -91,7 +102,9 @@ def train_one(
     peft_config = LoraConfig(
         r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
     )
-    kwargs = dict(train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    kwargs = dict(
+        train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks
+    )
     if kind == "powerflow":
         config = PowerFlowConfig(
             alpha=alpha,
@@ -146,5 +159,7 @@ def write_results(name: str, table: str, data: dict, notes: str = "", started: f
     if plots:
         text += ["Plots: " + ", ".join(f"[{p}]({p})" for p in plots), ""]
     (path / "README.md").write_text("\n".join(text))
-    (path / "results.json").write_text(json.dumps({"command": command_line(), "date": now, **data}, indent=1, default=str))
+    (path / "results.json").write_text(
+        json.dumps({"command": command_line(), "date": now, **data}, indent=1, default=str)
+    )
     return path

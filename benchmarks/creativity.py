@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
@@ -51,12 +52,19 @@ def parse_args(argv=None):
     p.add_argument("--kinds", nargs="+", default=["joke", "poem", "story"], help="Creative prompt kinds.")
     p.add_argument("--alpha", type=float, default=0.5, help="alpha of the powerflow row (< 1 flattens).")
     p.add_argument("--max_steps", type=int, default=20, help="Training steps of the powerflow row.")
-    p.add_argument("--max_completion_length", type=int, default=48, help="Longest completion (training and evaluation).")
+    p.add_argument(
+        "--max_completion_length", type=int, default=48, help="Longest completion (training and evaluation)."
+    )
     p.add_argument("--num_eval_prompts", type=int, default=5, help="Held-out prompts per kind.")
     p.add_argument("--k", type=int, default=6, help="Samples per held-out prompt.")
     p.add_argument("--seed", type=int, default=0, help="Seed.")
     p.add_argument("--start_from", default=None, help="Start (and reference) model directory instead of --model.")
-    p.add_argument("--sharpen_steps", type=int, default=0, help="Build an over-sharpened start: N PowerFlow steps at --sharpen_alpha, merged.")
+    p.add_argument(
+        "--sharpen_steps",
+        type=int,
+        default=0,
+        help="Build an over-sharpened start: N PowerFlow steps at --sharpen_alpha, merged.",
+    )
     p.add_argument("--sharpen_alpha", type=float, default=4.0, help="alpha of the sharpening run.")
     args = p.parse_args(argv)
     args.name = args.name or "creativity"
@@ -94,7 +102,14 @@ def measure(samples, prompts, kinds, judge, judge_tokenizer):
 def sharpen(model_path, tokenizer, train, args):
     """An over-sharpened start: PowerFlow alpha = --sharpen_alpha for --sharpen_steps steps, merged and saved."""
     trainer, seconds = common.train_one(
-        "powerflow", model_path, tokenizer, train, args, args.sharpen_steps, args.max_completion_length, args.seed,
+        "powerflow",
+        model_path,
+        tokenizer,
+        train,
+        args,
+        args.sharpen_steps,
+        args.max_completion_length,
+        args.seed,
         alpha=args.sharpen_alpha,
     )
     path = tempfile.mkdtemp(prefix="bench-sharpened-")
@@ -117,7 +132,11 @@ def main(argv=None):
     judge, tokenizer = load_model_and_tokenizer(judge_path)
     train = load_prompt_set("creative", split="train", kinds=args.kinds).select_columns(["prompt"])
     test_all = load_prompt_set("creative", split="test", kinds=args.kinds)
-    index = [i for kind in args.kinds for i in [j for j, k in enumerate(test_all["kind"]) if k == kind][: args.num_eval_prompts]]
+    index = [
+        i
+        for kind in args.kinds
+        for i in [j for j, k in enumerate(test_all["kind"]) if k == kind][: args.num_eval_prompts]
+    ]
     test = test_all.select(index)
     prompts, kinds = test["prompt"], test["kind"]
 
@@ -134,21 +153,37 @@ def main(argv=None):
         train_seconds, extra = None, {}
         gen = dict(max_new_tokens=args.max_completion_length, seed=args.seed)
         if row in ("base", "temp1.5"):
-            out = generate_samples(start, tokenizer, prompts, num_samples=args.k,
-                                   temperature=1.5 if row == "temp1.5" else 1.0, **gen)
+            out = generate_samples(
+                start, tokenizer, prompts, num_samples=args.k, temperature=1.5 if row == "temp1.5" else 1.0, **gen
+            )
             samples = out.texts
         elif row == "verbalized":
-            asks = [[{"role": "user", "content": VERBALIZED_TEMPLATE.format(request=p[-1]["content"])}] for p in prompts]
+            asks = [
+                [{"role": "user", "content": VERBALIZED_TEMPLATE.format(request=p[-1]["content"])}] for p in prompts
+            ]
             per_call = 5
             calls = -(-args.k // per_call)
-            out = generate_samples(start, tokenizer, asks, num_samples=calls,
-                                   max_new_tokens=per_call * args.max_completion_length, seed=args.seed)
+            out = generate_samples(
+                start,
+                tokenizer,
+                asks,
+                num_samples=calls,
+                max_new_tokens=per_call * args.max_completion_length,
+                seed=args.seed,
+            )
             samples = [[item for text in texts for item in parse_verbalized(text)][: args.k] for texts in out.texts]
             extra = {"parse_rate": sum(map(len, samples)) / (args.k * len(samples)), "raw_example": out.texts[0][0]}
         else:
             trainer, train_seconds = common.train_one(
-                "powerflow", start_path, tokenizer, train, args, args.max_steps, args.max_completion_length,
-                args.seed, alpha=args.alpha,
+                "powerflow",
+                start_path,
+                tokenizer,
+                train,
+                args,
+                args.max_steps,
+                args.max_completion_length,
+                args.seed,
+                alpha=args.alpha,
             )
             samples = generate_samples(trainer.model, tokenizer, prompts, num_samples=args.k, **gen).texts
             extra = {"log_history": trainer.state.log_history}
@@ -162,20 +197,41 @@ def main(argv=None):
 
 
 def write(args, results, started, sharpen_seconds, final=False):
-    labels = {"base": "start model, T=1", "temp1.5": "start model, T=1.5", "verbalized": "verbalized sampling",
-              "powerflow": f"PowerFlow alpha={args.alpha:g}"}
+    labels = {
+        "base": "start model, T=1",
+        "temp1.5": "start model, T=1.5",
+        "verbalized": "verbalized sampling",
+        "powerflow": f"PowerFlow alpha={args.alpha:g}",
+    }
     rows = []
     for row, r in results.items():
         label = labels[row] + (f" (parsed {100 * r['parse_rate']:.0f}% of items)" if "parse_rate" in r else "")
-        rows.append([label, f"{r['semantic_diversity']:.3f}", f"{r['distinct_2']:.3f}", f"{r['rouge_l_redundancy']:.3f}",
-                     f"{r['fluency']:.2f}", f"{100 * r['format_valid']:.0f}%",
-                     f"{r['train_seconds'] / 60:.1f}" if r["train_seconds"] else "-"])
-    headers = ["row", "semantic diversity ↑", "distinct-2 ↑", "ROUGE-L redundancy ↓", "fluency (nats/token) ↑",
-               "format valid", "train wall (min)"]
+        rows.append(
+            [
+                label,
+                f"{r['semantic_diversity']:.3f}",
+                f"{r['distinct_2']:.3f}",
+                f"{r['rouge_l_redundancy']:.3f}",
+                f"{r['fluency']:.2f}",
+                f"{100 * r['format_valid']:.0f}%",
+                f"{r['train_seconds'] / 60:.1f}" if r["train_seconds"] else "-",
+            ]
+        )
+    headers = [
+        "row",
+        "semantic diversity ↑",
+        "distinct-2 ↑",
+        "ROUGE-L redundancy ↓",
+        "fluency (nats/token) ↑",
+        "format valid",
+        "train wall (min)",
+    ]
     table = common.markdown_table(headers, rows)
     if args.sharpen_steps:
-        start = f"the embedded model sharpened by {args.sharpen_steps} PowerFlow steps at alpha={args.sharpen_alpha:g} " \
-                f"on the creative train prompts ({sharpen_seconds / 60:.1f} min), merged"
+        start = (
+            f"the embedded model sharpened by {args.sharpen_steps} PowerFlow steps at alpha={args.sharpen_alpha:g} "
+            f"on the creative train prompts ({sharpen_seconds / 60:.1f} min), merged"
+        )
     else:
         start = args.start_from or f"the embedded model ({args.model})"
     notes = (

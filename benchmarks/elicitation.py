@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
@@ -30,10 +31,19 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_arguments(p)
     p.add_argument("--rows", nargs="+", default=ALL_ROWS, choices=ALL_ROWS, help="Rows to run.")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="Seeds (training and sampling); >= 2 gives spread.")
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="Seeds (training and sampling); >= 2 gives spread."
+    )
     p.add_argument("--max_steps", type=int, default=40, help="Training steps of each trained row.")
-    p.add_argument("--max_completion_length", type=int, default=12, help="Longest completion (training and evaluation).")
-    p.add_argument("--num_train_prompts", type=int, default=None, help="First N training questions (default: all of the train split).")
+    p.add_argument(
+        "--max_completion_length", type=int, default=12, help="Longest completion (training and evaluation)."
+    )
+    p.add_argument(
+        "--num_train_prompts",
+        type=int,
+        default=None,
+        help="First N training questions (default: all of the train split).",
+    )
     p.add_argument("--num_eval_prompts", type=int, default=40, help="Held-out questions (test split).")
     p.add_argument("--k", type=int, default=8, help="Samples per held-out question (avg@k).")
     p.add_argument("--power_mcmc_steps", type=int, default=10, help="MH steps per chain of power sampling.")
@@ -56,8 +66,14 @@ def evaluate(model, tokenizer, test, args, seed, temperature=1.0):
     from trl_powerflow.evaluation import generate_samples
 
     out = generate_samples(
-        model, tokenizer, test["prompt"], num_samples=args.k, max_new_tokens=args.max_completion_length,
-        temperature=temperature, batch_size=args.eval_batch_size, seed=seed,
+        model,
+        tokenizer,
+        test["prompt"],
+        num_samples=args.k,
+        max_new_tokens=args.max_completion_length,
+        temperature=temperature,
+        batch_size=args.eval_batch_size,
+        seed=seed,
     )
     return summarize(out, test)
 
@@ -102,26 +118,46 @@ def main(argv=None):
             if row == "base":
                 r = evaluate(base, tokenizer, test, args, seed)
             elif row.startswith("lowtemp"):
-                r = evaluate(base, tokenizer, test, args, seed, temperature=1.0 / float(row[len("lowtemp"):]))
+                r = evaluate(base, tokenizer, test, args, seed, temperature=1.0 / float(row[len("lowtemp") :]))
             elif row.startswith("power") and not row.startswith("powerflow"):
-                alpha = float(row[len("power"):])
+                alpha = float(row[len("power") :])
                 out = power_sampling(
-                    base, tokenizer, test["prompt"], alpha=alpha, num_samples=args.power_k or args.k,
-                    max_new_tokens=args.max_completion_length, mcmc_steps=args.power_mcmc_steps,
-                    batch_size=args.eval_batch_size, seed=seed,
+                    base,
+                    tokenizer,
+                    test["prompt"],
+                    alpha=alpha,
+                    num_samples=args.power_k or args.k,
+                    max_new_tokens=args.max_completion_length,
+                    mcmc_steps=args.power_mcmc_steps,
+                    batch_size=args.eval_batch_size,
+                    seed=seed,
                 )
                 r = summarize(out, test)
                 r["acceptance_rate"] = out.acceptance_rate
             else:
                 if row == "grpo":
                     trainer, train_seconds = common.train_one(
-                        "grpo", model_path, tokenizer, train, args, args.max_steps, args.max_completion_length, seed,
+                        "grpo",
+                        model_path,
+                        tokenizer,
+                        train,
+                        args,
+                        args.max_steps,
+                        args.max_completion_length,
+                        seed,
                         reward_funcs=correctness_reward,
                     )
                 else:  # PowerFlow never sees the answers
                     trainer, train_seconds = common.train_one(
-                        "powerflow", model_path, tokenizer, train.select_columns(["prompt"]), args, args.max_steps,
-                        args.max_completion_length, seed, alpha=float(row[len("powerflow"):]),
+                        "powerflow",
+                        model_path,
+                        tokenizer,
+                        train.select_columns(["prompt"]),
+                        args,
+                        args.max_steps,
+                        args.max_completion_length,
+                        seed,
+                        alpha=float(row[len("powerflow") :]),
                     )
                 r = evaluate(trainer.model, tokenizer, test, args, seed)
                 r["log_history"] = trainer.state.log_history
@@ -129,8 +165,11 @@ def main(argv=None):
             r["train_seconds"] = train_seconds
             r["row_seconds"] = time.time() - t0
             results[row].append(r)
-            print(f"{row} seed {seed}: avg@{args.k} {r['avg_at_k']:.3f}, length {r['mean_length']:.2f}, "
-                  f"train {train_seconds}, row {r['row_seconds']:.0f}s; e.g. {r['examples'][0]}", flush=True)
+            print(
+                f"{row} seed {seed}: avg@{args.k} {r['avg_at_k']:.3f}, length {r['mean_length']:.2f}, "
+                f"train {train_seconds}, row {r['row_seconds']:.0f}s; e.g. {r['examples'][0]}",
+                flush=True,
+            )
             write(args, results, started)  # partial results survive an interrupted run
     write(args, results, started, final=True)
 
@@ -155,10 +194,16 @@ def write(args, results, started, final=False):
         cost = sum(r["forward_tokens"] for r in rs) / len(rs)
         cost_text = f"{cost:,.0f}" + (f" ({cost / base_cost:.1f}x base)" if base_cost else "")
         train = [r["train_seconds"] for r in rs if r["train_seconds"] is not None]
-        rows.append([
-            label, len(rs), common.fmt([r["avg_at_k"] for r in rs], 100), common.fmt([r["mean_length"] for r in rs], 1, 2),
-            common.fmt([t / 60 for t in train], 1, 1) if train else "-", cost_text,
-        ])
+        rows.append(
+            [
+                label,
+                len(rs),
+                common.fmt([r["avg_at_k"] for r in rs], 100),
+                common.fmt([r["mean_length"] for r in rs], 1, 2),
+                common.fmt([t / 60 for t in train], 1, 1) if train else "-",
+                cost_text,
+            ]
+        )
     headers = ["row", "seeds", f"avg@{args.k} (%)", "mean length (tokens)", "train wall (min)", "eval forward tokens"]
     table = common.markdown_table(headers, rows)
     notes = (

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
@@ -38,7 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=4.0, help="alpha of the length_aware and plain_tb runs.")
     p.add_argument("--max_steps", type=int, default=30, help="Training steps of each configuration.")
     p.add_argument("--eval_every", type=int, default=5, help="Evaluate every N steps (and at step 0).")
-    p.add_argument("--max_completion_length", type=int, default=12, help="Longest completion (training and evaluation).")
+    p.add_argument(
+        "--max_completion_length", type=int, default=12, help="Longest completion (training and evaluation)."
+    )
     p.add_argument("--num_eval_prompts", type=int, default=12, help="Held-out questions per evaluation.")
     p.add_argument("--k", type=int, default=4, help="Samples per held-out question (avg@k).")
     p.add_argument("--seed", type=int, default=0, help="Seed of training and evaluation sampling.")
@@ -56,8 +59,13 @@ def make_callback(tokenizer, test, args, curve):
 
     def evaluate(model, step):
         out = generate_samples(
-            model, tokenizer, test["prompt"], num_samples=args.k, max_new_tokens=args.max_completion_length,
-            seed=args.seed + step, progress=False,
+            model,
+            tokenizer,
+            test["prompt"],
+            num_samples=args.k,
+            max_new_tokens=args.max_completion_length,
+            seed=args.seed + step,
+            progress=False,
         )
         lengths = [n for row in out.num_tokens for n in row]
         point = {
@@ -67,8 +75,11 @@ def make_callback(tokenizer, test, args, curve):
             "example": out.texts[0][0],
         }
         curve.append(point)
-        print(f"  [eval] step {step}: avg@{args.k} {point['avg_at_k']:.3f}, length {point['mean_length']:.2f}, "
-              f"e.g. {point['example']!r}", flush=True)
+        print(
+            f"  [eval] step {step}: avg@{args.k} {point['avg_at_k']:.3f}, length {point['mean_length']:.2f}, "
+            f"e.g. {point['example']!r}",
+            flush=True,
+        )
 
     class EvalCallback(TrainerCallback):
         def on_train_begin(self, _args, state, control, model=None, **kwargs):
@@ -102,15 +113,29 @@ def main(argv=None):
         options = {"alpha": args.alpha, **CONFIGS[name]}
         curve = []
         trainer, seconds = common.train_one(
-            "powerflow", model_path, tokenizer, train, args, args.max_steps, args.max_completion_length, args.seed,
-            callbacks=[make_callback(tokenizer, test, args, curve)], **options,
+            "powerflow",
+            model_path,
+            tokenizer,
+            train,
+            args,
+            args.max_steps,
+            args.max_completion_length,
+            args.seed,
+            callbacks=[make_callback(tokenizer, test, args, curve)],
+            **options,
         )
         train_lengths = [
-            (h["step"], h["powerflow/completion_length"]) for h in trainer.state.log_history
+            (h["step"], h["powerflow/completion_length"])
+            for h in trainer.state.log_history
             if "powerflow/completion_length" in h
         ]
-        results[name] = {"options": options, "curve": curve, "train_lengths": train_lengths, "train_seconds": seconds,
-                         "log_history": trainer.state.log_history}
+        results[name] = {
+            "options": options,
+            "curve": curve,
+            "train_lengths": train_lengths,
+            "train_seconds": seconds,
+            "log_history": trainer.state.log_history,
+        }
         del trainer
         write(args, results, started)
     write(args, results, started, final=True)
@@ -122,7 +147,10 @@ def write(args, results, started, final=False):
     rows = []
     for name, r in results.items():
         by_step = {p["step"]: p for p in r["curve"]}
-        cells = [f"{by_step[s]['mean_length']:.1f} / {100 * by_step[s]['avg_at_k']:.0f}%" if s in by_step else "-" for s in steps]
+        cells = [
+            f"{by_step[s]['mean_length']:.1f} / {100 * by_step[s]['avg_at_k']:.0f}%" if s in by_step else "-"
+            for s in steps
+        ]
         rows.append([f"{name} (alpha={r['options']['alpha']:g})", f"{r['train_seconds'] / 60:.1f}", *cells])
     table = common.markdown_table(headers, rows)
     notes = (
@@ -146,7 +174,7 @@ def _plot(args, results):
     fig, (ax_len, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in results.items():
         steps = [p["step"] for p in r["curve"]]
-        line, = ax_len.plot(steps, [p["mean_length"] for p in r["curve"]], "o-", label=f"{name} (held-out)")
+        (line,) = ax_len.plot(steps, [p["mean_length"] for p in r["curve"]], "o-", label=f"{name} (held-out)")
         if r["train_lengths"]:
             s, v = zip(*r["train_lengths"])
             ax_len.plot(s, v, ":", color=line.get_color(), label=f"{name} (training batches)")

@@ -5,8 +5,10 @@ small fraction of the time. PowerFlow with `alpha = 4` trains it (LoRA) towards 
 questions from the train split, then the demo measures sampled accuracy on held-out countries (test split, disjoint
 subjects) before and after, and prints a table with a few sample answers. The answers are used for evaluation only.
 
-Every size is a flag (`trl-powerflow demo --help`); the defaults fit in about 15 minutes on 2 CPU cores, model
-conversion and both evaluations included.
+Every size is a flag (`trl-powerflow demo --help`). With the defaults (30 steps, all 81 held-out questions x 4 samples)
+it takes about 12 minutes on 2 idle CPU cores, model conversion and both evaluations included (about 19 s a training
+step); measured: accuracy 2.8% before, 20.1% after, mean completion length 11.4 -> 9.6 tokens. On a CPU shared with
+other busy processes, `--num_threads 1` is much faster than the default (two threads).
 """
 
 import os
