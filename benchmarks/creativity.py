@@ -247,10 +247,7 @@ def write(args, results, started, sharpen_seconds, final=False):
 
 
 def _plot(args, results):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for row, r in results.items():

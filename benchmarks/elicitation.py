@@ -220,10 +220,7 @@ def write(args, results, started, final=False):
 
 
 def _plot(args, results):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     names = [row for row, rs in results.items() if rs]
     means = [common.mean_spread([r["avg_at_k"] * 100 for r in results[n]]) for n in names]

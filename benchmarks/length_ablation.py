@@ -166,10 +166,7 @@ def write(args, results, started, final=False):
 
 
 def _plot(args, results):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, (ax_len, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in results.items():
