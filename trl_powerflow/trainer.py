@@ -255,17 +255,6 @@ class PowerFlowTrainer(GRPOTrainer):
                 self._metrics["eval"].pop(name, None)
         super().log(logs, start_time)
 
-    def _save(self, output_dir=None, state_dict=None):
-        super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            self.log_z.save(output_dir if output_dir is not None else self.args.output_dir)
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        # Again here: with DeepSpeed or sharded FSDP the model is saved without going through `_save`
-        if self.args.should_save:
-            self.log_z.save(os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"))
-
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         if resume_from_checkpoint is True:
             # Trainer takes the highest-numbered checkpoint, even one left half-written by a crash during its save
@@ -287,9 +276,14 @@ class PowerFlowTrainer(GRPOTrainer):
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        # Here rather than in `_save`: checkpoints come through this method too, and DeepSpeed or sharded FSDP
+        # save the model without `_save`
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            self.log_z.save(output_dir)
         if not _internal_call and self.is_world_process_zero():
             # TRL writes the model card to `args.output_dir`: point it at the directory actually saved
-            output_dir = output_dir or self.args.output_dir
             run_output_dir, self.args.output_dir = self.args.output_dir, output_dir
             try:
                 self.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir)))
