@@ -57,7 +57,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--num_eval_prompts", type=int, default=5, help="Held-out prompts per kind.")
     p.add_argument("--k", type=int, default=6, help="Samples per held-out prompt.")
-    p.add_argument("--seed", type=int, default=0, help="Seed.")
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="Seeds (training and sampling); >= 2 gives spread."
+    )
     p.add_argument("--start_from", default=None, help="Start (and reference) model directory instead of --model.")
     p.add_argument(
         "--sharpen_steps",
@@ -109,7 +111,7 @@ def sharpen(model_path, tokenizer, train, args):
         args,
         args.sharpen_steps,
         args.max_completion_length,
-        args.seed,
+        args.seeds[0],
         alpha=args.sharpen_alpha,
     )
     path = tempfile.mkdtemp(prefix="bench-sharpened-")
@@ -146,53 +148,60 @@ def main(argv=None):
         start_path, sharpen_seconds = sharpen(judge_path, tokenizer, train, args)
     start = judge if start_path == judge_path else load_model_and_tokenizer(start_path)[0]
 
-    results = {}
-    for row in args.rows:
-        t0 = time.time()
-        print(f"\n=== {row} ===", flush=True)
-        train_seconds, extra = None, {}
-        gen = dict(max_new_tokens=args.max_completion_length, seed=args.seed)
-        if row in ("base", "temp1.5"):
-            out = generate_samples(
-                start, tokenizer, prompts, num_samples=args.k, temperature=1.5 if row == "temp1.5" else 1.0, **gen
-            )
-            samples = out.texts
-        elif row == "verbalized":
-            asks = [
-                [{"role": "user", "content": VERBALIZED_TEMPLATE.format(request=p[-1]["content"])}] for p in prompts
-            ]
-            per_call = 5
-            calls = -(-args.k // per_call)
-            out = generate_samples(
-                start,
-                tokenizer,
-                asks,
-                num_samples=calls,
-                max_new_tokens=per_call * args.max_completion_length,
-                seed=args.seed,
-            )
-            samples = [[item for text in texts for item in parse_verbalized(text)][: args.k] for texts in out.texts]
-            extra = {"parse_rate": sum(map(len, samples)) / (args.k * len(samples)), "raw_example": out.texts[0][0]}
-        else:
-            trainer, train_seconds = common.train_one(
-                "powerflow",
-                start_path,
-                tokenizer,
-                train,
-                args,
-                args.max_steps,
-                args.max_completion_length,
-                args.seed,
-                alpha=args.alpha,
-            )
-            samples = generate_samples(trainer.model, tokenizer, prompts, num_samples=args.k, **gen).texts
-            extra = {"log_history": trainer.state.log_history}
-            del trainer
-        r = measure(samples, prompts, kinds, judge, tokenizer)
-        r.update(extra, train_seconds=train_seconds, row_seconds=time.time() - t0)
-        results[row] = r
-        print({k: v for k, v in r.items() if k != "log_history"}, flush=True)
-        write(args, results, started, sharpen_seconds)
+    results = {row: [] for row in args.rows}
+    for seed in args.seeds:
+        for row in args.rows:
+            t0 = time.time()
+            print(f"\n=== seed {seed}: {row} ===", flush=True)
+            train_seconds, extra = None, {}
+            gen = dict(max_new_tokens=args.max_completion_length, seed=seed)
+            if row in ("base", "temp1.5"):
+                temperature = 1.5 if row == "temp1.5" else 1.0
+                samples = generate_samples(
+                    start, tokenizer, prompts, num_samples=args.k, temperature=temperature, **gen
+                ).texts
+            elif row == "verbalized":
+                asks = [
+                    [{"role": "user", "content": VERBALIZED_TEMPLATE.format(request=p[-1]["content"])}]
+                    for p in prompts
+                ]
+                per_call = 5
+                calls = -(-args.k // per_call)
+                out = generate_samples(
+                    start,
+                    tokenizer,
+                    asks,
+                    num_samples=calls,
+                    max_new_tokens=per_call * args.max_completion_length,
+                    seed=seed,
+                )
+                samples = [
+                    [item for text in texts for item in parse_verbalized(text)][: args.k] for texts in out.texts
+                ]
+                extra = {
+                    "parse_rate": sum(map(len, samples)) / (args.k * len(samples)),
+                    "raw_example": out.texts[0][0],
+                }
+            else:
+                trainer, train_seconds = common.train_one(
+                    "powerflow",
+                    start_path,
+                    tokenizer,
+                    train,
+                    args,
+                    args.max_steps,
+                    args.max_completion_length,
+                    seed,
+                    alpha=args.alpha,
+                )
+                samples = generate_samples(trainer.model, tokenizer, prompts, num_samples=args.k, **gen).texts
+                extra = {"log_history": trainer.state.log_history}
+                del trainer
+            r = measure(samples, prompts, kinds, judge, tokenizer)
+            r.update(extra, train_seconds=train_seconds, row_seconds=time.time() - t0)
+            results[row].append(r)
+            print({k: v for k, v in r.items() if k != "log_history"}, flush=True)
+            write(args, results, started, sharpen_seconds)
     write(args, results, started, sharpen_seconds, final=True)
 
 
@@ -203,23 +212,34 @@ def write(args, results, started, sharpen_seconds, final=False):
         "verbalized": "verbalized sampling",
         "powerflow": f"PowerFlow alpha={args.alpha:g}",
     }
+    base = results.get("base")
+    base_diversity = common.mean_spread(r["semantic_diversity"] for r in base)[0] if base else None
     rows = []
-    for row, r in results.items():
-        label = labels[row] + (f" (parsed {100 * r['parse_rate']:.0f}% of items)" if "parse_rate" in r else "")
+    for row, rs in results.items():
+        if not rs:
+            continue
+        diversity = common.mean_spread(r["semantic_diversity"] for r in rs)[0]
+        parse = [r["parse_rate"] for r in rs if "parse_rate" in r]
+        label = labels[row] + (f" (parsed {common.fmt(parse, 100, 0)}% of items)" if parse else "")
+        train = [r["train_seconds"] / 60 for r in rs if r["train_seconds"]]
         rows.append(
             [
                 label,
-                f"{r['semantic_diversity']:.3f}",
-                f"{r['distinct_2']:.3f}",
-                f"{r['rouge_l_redundancy']:.3f}",
-                f"{r['fluency']:.2f}",
-                f"{100 * r['format_valid']:.0f}%",
-                f"{r['train_seconds'] / 60:.1f}" if r["train_seconds"] else "-",
+                len(rs),
+                common.fmt([r["semantic_diversity"] for r in rs], 1, 3),
+                f"{100 * (diversity / base_diversity - 1):+.0f}%" if base_diversity else "-",
+                common.fmt([r["distinct_2"] for r in rs], 1, 3),
+                common.fmt([r["rouge_l_redundancy"] for r in rs], 1, 3),
+                common.fmt([r["fluency"] for r in rs], 1, 2),
+                common.fmt([r["format_valid"] for r in rs], 100, 0) + "%",
+                common.fmt(train, 1, 1) if train else "-",
             ]
         )
     headers = [
         "row",
+        "seeds",
         "semantic diversity ↑",
+        "vs base",
         "distinct-2 ↑",
         "ROUGE-L redundancy ↓",
         "fluency (nats/token) ↑",
@@ -235,10 +255,12 @@ def write(args, results, started, sharpen_seconds, final=False):
     else:
         start = args.start_from or f"the embedded model ({args.model})"
     notes = (
-        f"Start model: {start}. Held-out: {args.num_eval_prompts} test-split prompts per kind ({', '.join(args.kinds)}), "
+        f"Start model: {start}. Held-out: {args.num_eval_prompts} test-split prompts per kind "
+        f"({', '.join(args.kinds)}), "
         f"{args.k} samples each, max {args.max_completion_length} new tokens. Fluency judge: {args.model} (original). "
         f"Training: {args.max_steps} steps x {args.prompts_per_step} prompts x {args.num_generations} samples, "
-        f"LoRA r={args.lora_r}, lr {args.learning_rate}, log Z lr {args.log_z_learning_rate}, seed {args.seed}."
+        f"LoRA r={args.lora_r}, lr {args.learning_rate}, log Z lr {args.log_z_learning_rate}. "
+        f"Seeds {', '.join(map(str, args.seeds))}; spread = half the range over seeds."
     )
     if final:
         print("\n" + table + "\n\n" + notes)
@@ -250,9 +272,14 @@ def _plot(args, results):
     plt = common.pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for row, r in results.items():
-        ax.scatter(r["semantic_diversity"], r["fluency"], s=60)
-        ax.annotate(row, (r["semantic_diversity"], r["fluency"]), textcoords="offset points", xytext=(5, 5))
+    for row, rs in results.items():
+        if not rs:
+            continue
+        (x, x_spread), (y, y_spread) = (
+            common.mean_spread(r[key] for r in rs) for key in ("semantic_diversity", "fluency")
+        )
+        ax.errorbar(x, y, xerr=x_spread, yerr=y_spread, fmt="o", capsize=3, markersize=7)
+        ax.annotate(row, (x, y), textcoords="offset points", xytext=(5, 5))
     ax.set_xlabel("semantic diversity (higher = more diverse)")
     ax.set_ylabel("fluency under the base judge (nats/token)")
     ax.set_title("Creativity: diversity vs fluency")

@@ -44,13 +44,15 @@ def parse_args(argv=None):
     )
     p.add_argument("--num_eval_prompts", type=int, default=12, help="Held-out questions per evaluation.")
     p.add_argument("--k", type=int, default=4, help="Samples per held-out question (avg@k).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of training and evaluation sampling.")
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="Seeds (training and sampling); >= 2 gives spread."
+    )
     args = p.parse_args(argv)
     args.name = args.name or "length_ablation"
     return args
 
 
-def make_callback(tokenizer, test, args, curve):
+def make_callback(tokenizer, test, args, seed, curve):
     from transformers import TrainerCallback
 
     from trl_powerflow.evaluation import avg_at_k, generate_samples, score_samples
@@ -64,7 +66,7 @@ def make_callback(tokenizer, test, args, curve):
             test["prompt"],
             num_samples=args.k,
             max_new_tokens=args.max_completion_length,
-            seed=args.seed + step,
+            seed=seed + step,
             progress=False,
         )
         lengths = [n for row in out.num_tokens for n in row]
@@ -107,57 +109,75 @@ def main(argv=None):
     train = load_prompt_set("capitals", split="train", kinds=["capital"]).select_columns(["prompt"])
     test = load_prompt_set("capitals", split="test", kinds=["capital"])
     test = test.select(range(min(args.num_eval_prompts, len(test))))
-    results = {}
-    for name in args.configs:
-        print(f"\n=== {name} ===", flush=True)
-        options = {"alpha": args.alpha, **CONFIGS[name]}
-        curve = []
-        trainer, seconds = common.train_one(
-            "powerflow",
-            model_path,
-            tokenizer,
-            train,
-            args,
-            args.max_steps,
-            args.max_completion_length,
-            args.seed,
-            callbacks=[make_callback(tokenizer, test, args, curve)],
-            **options,
-        )
-        train_lengths = [
-            (h["step"], h["powerflow/completion_length"])
-            for h in trainer.state.log_history
-            if "powerflow/completion_length" in h
-        ]
-        results[name] = {
-            "options": options,
-            "curve": curve,
-            "train_lengths": train_lengths,
-            "train_seconds": seconds,
-            "log_history": trainer.state.log_history,
-        }
-        del trainer
-        write(args, results, started)
+    results = {name: [] for name in args.configs}
+    for seed in args.seeds:
+        for name in args.configs:
+            print(f"\n=== seed {seed}: {name} ===", flush=True)
+            options = {"alpha": args.alpha, **CONFIGS[name]}
+            curve = []
+            trainer, seconds = common.train_one(
+                "powerflow",
+                model_path,
+                tokenizer,
+                train,
+                args,
+                args.max_steps,
+                args.max_completion_length,
+                seed,
+                callbacks=[make_callback(tokenizer, test, args, seed, curve)],
+                **options,
+            )
+            train_lengths = [
+                (h["step"], h["powerflow/completion_length"])
+                for h in trainer.state.log_history
+                if "powerflow/completion_length" in h
+            ]
+            results[name].append(
+                {
+                    "seed": seed,
+                    "options": options,
+                    "curve": curve,
+                    "train_lengths": train_lengths,
+                    "train_seconds": seconds,
+                    "log_history": trainer.state.log_history,
+                }
+            )
+            del trainer
+            write(args, results, started)
     write(args, results, started, final=True)
 
 
+def mean_curve(runs, key):
+    """Per step, the values of `key` over seeds: {step: [value, ...]}."""
+    by_step = {}
+    for run in runs:
+        for point in run["curve"]:
+            by_step.setdefault(point["step"], []).append(point[key])
+    return dict(sorted(by_step.items()))
+
+
 def write(args, results, started, final=False):
-    steps = sorted({p["step"] for r in results.values() for p in r["curve"]})
-    headers = ["config", "train wall (min)"] + [f"step {s}: len / avg@{args.k}" for s in steps]
+    steps = sorted({p["step"] for runs in results.values() for r in runs for p in r["curve"]})
+    headers = ["config", "seeds", "train wall (min)"] + [f"step {s}: len / avg@{args.k} (%)" for s in steps]
     rows = []
-    for name, r in results.items():
-        by_step = {p["step"]: p for p in r["curve"]}
+    for name, runs in results.items():
+        if not runs:
+            continue
+        lengths, accuracy = mean_curve(runs, "mean_length"), mean_curve(runs, "avg_at_k")
         cells = [
-            f"{by_step[s]['mean_length']:.1f} / {100 * by_step[s]['avg_at_k']:.0f}%" if s in by_step else "-"
+            f"{common.fmt(lengths[s], 1, 1)} / {common.fmt(accuracy[s], 100, 0)}" if s in lengths else "-"
             for s in steps
         ]
-        rows.append([f"{name} (alpha={r['options']['alpha']:g})", f"{r['train_seconds'] / 60:.1f}", *cells])
+        alpha = runs[0]["options"]["alpha"]
+        wall = common.fmt([r["train_seconds"] / 60 for r in runs], 1, 1)
+        rows.append([f"{name} (alpha={alpha:g})", len(runs), wall, *cells])
     table = common.markdown_table(headers, rows)
     notes = (
         f"Held-out: first {args.num_eval_prompts} test-split capital questions x {args.k} samples at T=1, max "
         f"{args.max_completion_length} new tokens (length counts EOS; a cut completion counts "
         f"{args.max_completion_length}). Training: {args.prompts_per_step} prompts x {args.num_generations} samples "
-        f"per step, LoRA r={args.lora_r}, lr {args.learning_rate}, log Z lr {args.log_z_learning_rate}, seed {args.seed}."
+        f"per step, LoRA r={args.lora_r}, lr {args.learning_rate}, log Z lr {args.log_z_learning_rate}. "
+        f"Seeds {', '.join(map(str, args.seeds))}; spread = half the range over seeds."
     )
     if final:
         print("\n" + table + "\n\n" + notes)
@@ -169,13 +189,42 @@ def _plot(args, results):
     plt = common.pyplot()
 
     fig, (ax_len, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in results.items():
-        steps = [p["step"] for p in r["curve"]]
-        (line,) = ax_len.plot(steps, [p["mean_length"] for p in r["curve"]], "o-", label=f"{name} (held-out)")
-        if r["train_lengths"]:
-            s, v = zip(*r["train_lengths"])
-            ax_len.plot(s, v, ":", color=line.get_color(), label=f"{name} (training batches)")
-        ax_acc.plot(steps, [100 * p["avg_at_k"] for p in r["curve"]], "o-", color=line.get_color(), label=name)
+    for name, runs in results.items():
+        if not runs:
+            continue
+        lengths, accuracy = mean_curve(runs, "mean_length"), mean_curve(runs, "avg_at_k")
+        steps = list(lengths)
+        length_stats = [common.mean_spread(v) for v in lengths.values()]
+        accuracy_stats = [common.mean_spread([100 * a for a in v]) for v in accuracy.values()]
+        line = ax_len.errorbar(
+            steps,
+            [m for m, _ in length_stats],
+            yerr=[s for _, s in length_stats],
+            fmt="o-",
+            capsize=3,
+            label=f"{name} (held-out)",
+        )[0]
+        train_lengths = {}
+        for run in runs:
+            for step, value in run["train_lengths"]:
+                train_lengths.setdefault(step, []).append(value)
+        if train_lengths:
+            ax_len.plot(
+                list(train_lengths),
+                [sum(v) / len(v) for v in train_lengths.values()],
+                ":",
+                color=line.get_color(),
+                label=f"{name} (training batches)",
+            )
+        ax_acc.errorbar(
+            steps,
+            [m for m, _ in accuracy_stats],
+            yerr=[s for _, s in accuracy_stats],
+            fmt="o-",
+            capsize=3,
+            color=line.get_color(),
+            label=name,
+        )
     ax_len.set_xlabel("step")
     ax_len.set_ylabel("mean completion length (tokens)")
     ax_acc.set_xlabel("step")
