@@ -54,7 +54,9 @@ def add_common_arguments(parser) -> None:
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv])
+    python = os.path.relpath(sys.executable)
+    python = "python" if python.startswith("..") else python  # an interpreter outside the repository
+    return " ".join(shlex.quote(a) for a in [python, *sys.argv])
 
 
 def train_one(

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_model, make_tokenizer
 
 from trl_powerflow import models
-from trl_powerflow.cli import main
+from trl_powerflow.cli import main, make_train_parser
 from trl_powerflow.demo import answer_matches
 from trl_powerflow.sampling import sample
 
@@ -74,6 +74,13 @@ def test_console_script_help():
     result = subprocess.run([script, "train", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "--alpha" in result.stdout and "--model_name_or_path" in result.stdout
+
+
+@pytest.mark.parametrize("argv, expected", [(["--bf16"], True), (["--bf16", "false"], False)])
+def test_bare_bf16_flag(tmp_path, argv, expected):
+    # TRL types bf16 as `bool | None`, which would make a bare --bf16 an error ("expected one argument")
+    _, config, _ = make_train_parser().parse_args_and_config([*argv, "--output_dir", str(tmp_path)])
+    assert config.bf16 is expected
 
 
 def test_unknown_dataset_path(capsys, tiny_model_dir, tmp_path):

@@ -118,8 +118,12 @@ def make_train_parser() -> TrlParser:
         # TRL turns bf16 on by default, which fails on a CPU-only machine; an explicit --bf16 still wins
         parser.set_defaults(bf16=False, use_cpu=True)
     for action in parser._actions:
-        if action.dest == "bf16" and cpu_only:
-            action.help += " On this machine (no GPU) trl-powerflow defaults it to False."
+        if action.dest == "bf16":
+            # TRL declares bf16 as `bool | None`, which HfArgumentParser turns into a flag that needs a value:
+            # accept a bare `--bf16` like every other boolean flag
+            action.nargs, action.const = "?", True
+            if cpu_only:
+                action.help += " On this machine (no GPU) trl-powerflow defaults it to False."
         elif action.dest == "model_name_or_path":
             action.help = (
                 "Model to fine-tune: a hub id, a local directory, or an embedded model "

@@ -163,8 +163,9 @@ class PowerFlowTrainer(GRPOTrainer):
             repeated_ngram_rate(ids[mask.bool()].tolist())
             for ids, mask in zip(output["completion_ids"].cpu(), output["completion_mask"].cpu(), strict=True)
         ]
-        rates = torch.tensor([r for r in rates if r is not None] or [0.0], device=self.accelerator.device)
-        totals = self.accelerator.reduce(torch.stack([rates.sum(), torch.tensor(float(len(rates)))]), reduction="sum")
+        rates = [r for r in rates if r is not None] or [0.0]
+        totals = torch.tensor([sum(rates), float(len(rates))], device=self.accelerator.device)
+        totals = self.accelerator.reduce(totals, reduction="sum")
         self._metrics[mode]["powerflow/repeated_ngram_rate"].append((totals[0] / totals[1]).item())
         return output
 
