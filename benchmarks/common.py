@@ -124,6 +124,40 @@ def train_one(
     return trainer, time.perf_counter() - start
 
 
+def evaluate_capitals(model, tokenizer, test, args, seed, temperature=1.0, batch_size=64, progress=True) -> dict:
+    """Samples `args.k` answers per capital question of `test` and scores them (see `summarize_capitals`)."""
+    from trl_powerflow.evaluation import generate_samples
+
+    out = generate_samples(
+        model,
+        tokenizer,
+        test["prompt"],
+        num_samples=args.k,
+        max_new_tokens=args.max_completion_length,
+        temperature=temperature,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    return summarize_capitals(out, test)
+
+
+def summarize_capitals(out, test) -> dict:
+    """avg@k (matcher "contains" against the answer and its aliases), per question, mean length and forward tokens."""
+    from trl_powerflow.evaluation import avg_at_k, score_samples
+
+    answers = [[row["answer"], *row["aliases"]] for row in test]
+    correct = score_samples(out.texts, answers, matcher="contains")
+    lengths = [n for row in out.num_tokens for n in row]
+    return {
+        "avg_at_k": avg_at_k(correct),
+        "per_prompt": [sum(row) / len(row) for row in correct],  # for paired comparisons / bootstrap
+        "mean_length": sum(lengths) / len(lengths),
+        "forward_tokens": out.forward_tokens,
+        "examples": [out.texts[i][:3] for i in range(min(3, len(out.texts)))],
+    }
+
+
 def mean_spread(values) -> tuple[float, float]:
     """Mean and spread (half the range; 0 for one value) of a list of numbers."""
     values = list(values)

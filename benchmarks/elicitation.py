@@ -5,7 +5,7 @@ countries (test split), matcher "contains" against the answer and its aliases. R
 
 - base:            the untuned model at temperature 1
 - lowtemp2/4:      the untuned model at temperature 1/alpha (token-level sharpening)
-- power4:          Metropolis-Hastings power sampling of p^alpha (evaluation.power_sampling), with its forward-token cost
+- power4:          Metropolis-Hastings power sampling of p^alpha (evaluation.power_sampling), with its cost
 - powerflow2/4:    PowerFlow, alpha = 2 / 4 (LoRA, no labels)
 - grpo:            TRL's GRPOTrainer with a correctness reward on the same prompts, steps and samples (supervised)
 
@@ -62,37 +62,6 @@ def correctness_reward(completions, answer, aliases, **kwargs):
     return [float(is_correct(t, [a, *al], "contains")) for t, a, al in zip(texts, answer, aliases, strict=True)]
 
 
-def evaluate(model, tokenizer, test, args, seed, temperature=1.0):
-    from trl_powerflow.evaluation import generate_samples
-
-    out = generate_samples(
-        model,
-        tokenizer,
-        test["prompt"],
-        num_samples=args.k,
-        max_new_tokens=args.max_completion_length,
-        temperature=temperature,
-        batch_size=args.eval_batch_size,
-        seed=seed,
-    )
-    return summarize(out, test)
-
-
-def summarize(out, test):
-    from trl_powerflow.evaluation import avg_at_k, score_samples
-
-    answers = [[row["answer"], *row["aliases"]] for row in test]
-    correct = score_samples(out.texts, answers, matcher="contains")
-    lengths = [n for row in out.num_tokens for n in row]
-    return {
-        "avg_at_k": avg_at_k(correct),
-        "per_prompt": [sum(row) / len(row) for row in correct],  # for paired comparisons / bootstrap
-        "mean_length": sum(lengths) / len(lengths),
-        "forward_tokens": out.forward_tokens,
-        "examples": [out.texts[i][:3] for i in range(min(3, len(out.texts)))],
-    }
-
-
 def main(argv=None):
     args = parse_args(argv)
     common.setup_environment(args.threads)
@@ -116,9 +85,12 @@ def main(argv=None):
             print(f"\n=== seed {seed}: {row} ===", flush=True)
             train_seconds = None
             if row == "base":
-                r = evaluate(base, tokenizer, test, args, seed)
+                r = common.evaluate_capitals(base, tokenizer, test, args, seed, batch_size=args.eval_batch_size)
             elif row.startswith("lowtemp"):
-                r = evaluate(base, tokenizer, test, args, seed, temperature=1.0 / float(row[len("lowtemp") :]))
+                temperature = 1.0 / float(row[len("lowtemp") :])
+                r = common.evaluate_capitals(
+                    base, tokenizer, test, args, seed, temperature=temperature, batch_size=args.eval_batch_size
+                )
             elif row.startswith("power") and not row.startswith("powerflow"):
                 alpha = float(row[len("power") :])
                 out = power_sampling(
@@ -132,7 +104,7 @@ def main(argv=None):
                     batch_size=args.eval_batch_size,
                     seed=seed,
                 )
-                r = summarize(out, test)
+                r = common.summarize_capitals(out, test)
                 r["acceptance_rate"] = out.acceptance_rate
             else:
                 if row == "grpo":
@@ -159,7 +131,9 @@ def main(argv=None):
                         seed,
                         alpha=float(row[len("powerflow") :]),
                     )
-                r = evaluate(trainer.model, tokenizer, test, args, seed)
+                r = common.evaluate_capitals(
+                    trainer.model, tokenizer, test, args, seed, batch_size=args.eval_batch_size
+                )
                 r["log_history"] = trainer.state.log_history
                 del trainer
             r["train_seconds"] = train_seconds
@@ -190,7 +164,8 @@ def write(args, results, started, final=False):
             elif row.startswith("powerflow"):
                 label = f"PowerFlow alpha={row[9:]} (no labels)"
             else:
-                label = f"power sampling alpha={row[5:]} (MH, {args.power_mcmc_steps} steps, {args.power_k or args.k} chains/question)"
+                chains = args.power_k or args.k
+                label = f"power sampling alpha={row[5:]} (MH, {args.power_mcmc_steps} steps, {chains} chains/question)"
         cost = sum(r["forward_tokens"] for r in rs) / len(rs)
         cost_text = f"{cost:,.0f}" + (f" ({cost / base_cost:.1f}x base)" if base_cost else "")
         train = [r["train_seconds"] for r in rs if r["train_seconds"] is not None]
@@ -208,9 +183,10 @@ def write(args, results, started, final=False):
     table = common.markdown_table(headers, rows)
     notes = (
         f"Held-out: first {args.num_eval_prompts} test-split capital questions, {args.k} samples each at T=1 "
-        f"(matcher 'contains', answer + aliases). Training: {args.max_steps} steps x {args.prompts_per_step} prompts x "
-        f"{args.num_generations} samples, max {args.max_completion_length} new tokens, LoRA r={args.lora_r}, "
-        f"lr {args.learning_rate}, log Z lr {args.log_z_learning_rate}. Spread = half the range over seeds. "
+        f"(matcher 'contains', answer + aliases). Training: {args.max_steps} steps x {args.prompts_per_step} "
+        f"prompts x {args.num_generations} samples, max {args.max_completion_length} new tokens, "
+        f"LoRA r={args.lora_r}, lr {args.learning_rate}, log Z lr {args.log_z_learning_rate}. "
+        f"Spread = half the range over seeds. "
         f"Eval forward tokens: token positions processed while sampling the evaluation (training cost excluded)."
     )
     if final:

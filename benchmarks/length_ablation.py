@@ -55,27 +55,10 @@ def parse_args(argv=None):
 def make_callback(tokenizer, test, args, seed, curve):
     from transformers import TrainerCallback
 
-    from trl_powerflow.evaluation import avg_at_k, generate_samples, score_samples
-
-    answers = [[row["answer"], *row["aliases"]] for row in test]
-
     def evaluate(model, step):
-        out = generate_samples(
-            model,
-            tokenizer,
-            test["prompt"],
-            num_samples=args.k,
-            max_new_tokens=args.max_completion_length,
-            seed=seed + step,
-            progress=False,
-        )
-        lengths = [n for row in out.num_tokens for n in row]
-        point = {
-            "step": step,
-            "avg_at_k": avg_at_k(score_samples(out.texts, answers, matcher="contains")),
-            "mean_length": sum(lengths) / len(lengths),
-            "example": out.texts[0][0],
-        }
+        result = common.evaluate_capitals(model, tokenizer, test, args, seed + step, progress=False)
+        point = {"step": step, **{key: result[key] for key in ("avg_at_k", "mean_length")}}
+        point["example"] = result["examples"][0][0]
         curve.append(point)
         print(
             f"  [eval] step {step}: avg@{args.k} {point['avg_at_k']:.3f}, length {point['mean_length']:.2f}, "

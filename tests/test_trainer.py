@@ -414,7 +414,7 @@ def test_4bit_lora_on_cpu(tmp_path, tokenizer):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )
     try:  # skip only when bitsandbytes itself cannot run 4-bit on this machine
-        probe = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization)
+        probe = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map="cpu")
         probe(torch.tensor([[2, 3]]))
     except Exception as error:  # noqa: BLE001
         pytest.skip(f"bitsandbytes cannot run 4-bit on this CPU: {error}")
@@ -422,7 +422,9 @@ def test_4bit_lora_on_cpu(tmp_path, tokenizer):
 
     trainer = PowerFlowTrainer(
         model=path,
-        args=make_config(tmp_path / "out", model_init_kwargs={"quantization_config": quantization}),
+        args=make_config(
+            tmp_path / "out", model_init_kwargs={"quantization_config": quantization, "device_map": "cpu"}
+        ),
         train_dataset=_dataset(),
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
