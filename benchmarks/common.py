@@ -158,6 +158,23 @@ def summarize_capitals(out, test) -> dict:
     }
 
 
+def paired_difference(runs_a, runs_b, samples=2000, seed=0) -> tuple[float, float, float]:
+    """Mean of a - b over held-out questions, with a 95% bootstrap interval over the questions.
+
+    `runs_a` and `runs_b` are per-seed results, each with `per_prompt` (the accuracy of every question, same questions
+    in the same order); each question's value is first averaged over the seeds.
+    """
+    import random
+
+    def per_question(runs):
+        return [statistics.fmean(values) for values in zip(*(r["per_prompt"] for r in runs), strict=True)]
+
+    diffs = [a - b for a, b in zip(per_question(runs_a), per_question(runs_b), strict=True)]
+    rng, n = random.Random(seed), len(diffs)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=n)) for _ in range(samples))
+    return statistics.fmean(diffs), means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
+
+
 def mean_spread(values) -> tuple[float, float]:
     """Mean and spread (half the range; 0 for one value) of a list of numbers."""
     values = list(values)

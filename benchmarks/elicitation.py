@@ -189,10 +189,28 @@ def write(args, results, started, final=False):
         f"Spread = half the range over seeds. "
         f"Eval forward tokens: token positions processed while sampling the evaluation (training cost excluded)."
     )
+    notes += "\n\n" + paired_differences(results, args.k)
     if final:
         print("\n" + table + "\n\n" + notes)
     _plot(args, results)  # cheap: kept up to date after every row, so an interrupted run still has its plot
     common.write_results(args.name, table, {"args": vars(args), "results": results}, notes, started)
+
+
+def paired_differences(results, k, reference="powerflow4") -> str:
+    """One line per row: the reference row's avg@k minus that row's, per held-out question, with a 95% interval."""
+    if not results.get(reference):
+        return ""
+    lines = [
+        f"{reference} minus each row (avg@{k} points, per held-out question averaged over seeds; 95% bootstrap "
+        "interval over questions, which leaves out training-seed variation (see the spread column); an interval that "
+        "holds 0 means the difference is inside the noise):",
+        "",
+    ]
+    for row, rs in results.items():
+        if row != reference and rs and len(rs) == len(results[reference]):
+            mean, low, high = common.paired_difference(results[reference], rs)
+            lines.append(f"- vs {row}: {100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+    return "\n".join(lines)
 
 
 def _plot(args, results):
