@@ -209,20 +209,39 @@ def results_dir(name: str) -> Path:
     return path
 
 
-def write_results(name: str, table: str, data: dict, notes: str = "", started: float | None = None) -> Path:
-    """Writes README.md (table, command, date, wall time, notes) and results.json under benchmarks/results/<name>/."""
-    path = results_dir(name)
+def training_note(args) -> str:
+    """The LoRA and learning-rate settings and the seeds, as every benchmark reports them under its table."""
+    return (
+        f"LoRA r={args.lora_r}, lr {args.learning_rate}, log Z lr {args.log_z_learning_rate}. "
+        f"Seeds {', '.join(map(str, args.seeds))}; spread = half the range over seeds."
+    )
+
+
+def write_results(args, table: str, results: dict, notes: str, started: float, plot, final: bool = False) -> Path:
+    """Saves a benchmark's state under benchmarks/results/<args.name>/; called after every row, so that an
+    interrupted run keeps what it measured.
+
+    Redraws the plot (`plot(args, results)`), then writes README.md (table, command, date, wall time, notes) and
+    results.json, each atomically. Prints the table and notes when `final`.
+    """
+    if final:
+        print("\n" + table + "\n\n" + notes)
+    plot(args, results)
+    path = results_dir(args.name)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    wall = f"{(time.time() - started) / 60:.1f} min" if started is not None else "?"
+    wall = f"{(time.time() - started) / 60:.1f} min"
     plots = sorted(p.name for p in path.glob("*.png"))
-    text = [f"# {name}", "", f"Date: {now}. Wall time: {wall}.", "", "Command:", "", "```", command_line(), "```", ""]
-    text += [table, ""]
-    if notes:
-        text += [notes, ""]
+    text = [f"# {args.name}", "", f"Date: {now}. Wall time: {wall}.", "", "Command:", "", "```", command_line(), "```"]
+    text += ["", table, "", notes, ""]
     if plots:
         text += ["Plots: " + ", ".join(f"[{p}]({p})" for p in plots), ""]
-    (path / "README.md").write_text("\n".join(text))
-    (path / "results.json").write_text(
-        json.dumps({"command": command_line(), "date": now, **data}, indent=1, default=str)
-    )
+    data = {"command": command_line(), "date": now, "args": vars(args), "results": results}
+    _write_atomically(path / "README.md", "\n".join(text))
+    _write_atomically(path / "results.json", json.dumps(data, indent=1, default=str))
     return path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)

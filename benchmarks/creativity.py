@@ -259,13 +259,9 @@ def write(args, results, started, sharpen_seconds, final=False):
         f"({', '.join(args.kinds)}), "
         f"{args.k} samples each, max {args.max_completion_length} new tokens. Fluency judge: {args.model} (original). "
         f"Training: {args.max_steps} steps x {args.prompts_per_step} prompts x {args.num_generations} samples, "
-        f"LoRA r={args.lora_r}, lr {args.learning_rate}, log Z lr {args.log_z_learning_rate}. "
-        f"Seeds {', '.join(map(str, args.seeds))}; spread = half the range over seeds."
+        f"{common.training_note(args)}"
     )
-    if final:
-        print("\n" + table + "\n\n" + notes)
-        _plot(args, results)
-    common.write_results(args.name, table, {"args": vars(args), "results": results}, notes, started)
+    common.write_results(args, table, results, notes, started, _plot, final)
 
 
 def _plot(args, results):
@@ -285,6 +281,7 @@ def _plot(args, results):
     ax.set_title("Creativity: diversity vs fluency")
     fig.tight_layout()
     fig.savefig(common.results_dir(args.name) / "diversity_vs_fluency.png", dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -185,15 +185,10 @@ def write(args, results, started, final=False):
         f"Held-out: first {args.num_eval_prompts} test-split capital questions, {args.k} samples each at T=1 "
         f"(matcher 'contains', answer + aliases). Training: {args.max_steps} steps x {args.prompts_per_step} "
         f"prompts x {args.num_generations} samples, max {args.max_completion_length} new tokens, "
-        f"LoRA r={args.lora_r}, lr {args.learning_rate}, log Z lr {args.log_z_learning_rate}. "
-        f"Spread = half the range over seeds. "
-        f"Eval forward tokens: token positions processed while sampling the evaluation (training cost excluded)."
+        f"{common.training_note(args)} Eval forward tokens: token positions processed while sampling the evaluation "
+        f"(training cost excluded).\n\n{paired_differences(results, args.k)}"
     )
-    notes += "\n\n" + paired_differences(results, args.k)
-    if final:
-        print("\n" + table + "\n\n" + notes)
-    _plot(args, results)  # cheap: kept up to date after every row, so an interrupted run still has its plot
-    common.write_results(args.name, table, {"args": vars(args), "results": results}, notes, started)
+    common.write_results(args, table, results, notes, started, _plot, final)
 
 
 def paired_differences(results, k, reference="powerflow4") -> str:

@@ -159,13 +159,9 @@ def write(args, results, started, final=False):
         f"Held-out: first {args.num_eval_prompts} test-split capital questions x {args.k} samples at T=1, max "
         f"{args.max_completion_length} new tokens (length counts EOS; a cut completion counts "
         f"{args.max_completion_length}). Training: {args.prompts_per_step} prompts x {args.num_generations} samples "
-        f"per step, LoRA r={args.lora_r}, lr {args.learning_rate}, log Z lr {args.log_z_learning_rate}. "
-        f"Seeds {', '.join(map(str, args.seeds))}; spread = half the range over seeds."
+        f"per step, {common.training_note(args)}"
     )
-    if final:
-        print("\n" + table + "\n\n" + notes)
-        _plot(args, results)
-    common.write_results(args.name, table, {"args": vars(args), "results": results}, notes, started)
+    common.write_results(args, table, results, notes, started, _plot, final)
 
 
 def _plot(args, results):
@@ -217,6 +213,7 @@ def _plot(args, results):
     fig.suptitle(f"Length ablation (alpha={args.alpha:g}): length-aware vs plain TB vs alpha=1")
     fig.tight_layout()
     fig.savefig(common.results_dir(args.name) / "length_accuracy_over_steps.png", dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
