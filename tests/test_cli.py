@@ -74,6 +74,7 @@ def test_console_script_help():
     result = subprocess.run([script, "train", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "--alpha" in result.stdout and "--model_name_or_path" in result.stdout
+    assert "gemm_4bit_forward" not in result.stderr  # bitsandbytes' optional-kernel warning is silenced
 
 
 @pytest.mark.parametrize("argv, expected", [(["--bf16"], True), (["--bf16", "false"], False)])

@@ -1,10 +1,17 @@
 """PowerFlow for TRL: fine-tune an LLM towards the α-power of its own distribution, without labels or rewards."""
 
-from .callbacks import CollapseGuardCallback
-from .config import PowerFlowConfig
-from .log_z import LogZ
-from .objective import PowerFlowLossOutput, powerflow_loss
-from .trainer import PowerFlowTrainer
+import logging
+
+
+# At import, bitsandbytes tries to fetch an optional CPU kernel from the hub and warns when it cannot (offline, or no
+# `kernels` package). 4-bit runs without it, so on CPU-only machines the warning is noise at every start.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from .callbacks import CollapseGuardCallback  # noqa: E402
+from .config import PowerFlowConfig  # noqa: E402
+from .log_z import LogZ  # noqa: E402
+from .objective import PowerFlowLossOutput, powerflow_loss  # noqa: E402
+from .trainer import PowerFlowTrainer  # noqa: E402
 
 
 __version__ = "0.1.0"
