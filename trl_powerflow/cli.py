@@ -446,15 +446,21 @@ def evaluate_command(args: EvaluateArguments) -> dict:
         f"\n{name} on {len(dataset)} prompts of '{args.dataset_name}' ({args.dataset_test_split}), {k} samples each "
         f"at temperature {args.temperature:g}:\n"
     )
-    print("| metric | value |\n|---|---|")
-    for key, value in result.items():
-        if key == "pass_at_k":
-            for n, v in value.items():
-                print(f"| pass@{n} | {100 * v:.1f}% |")
-        elif key in ("avg_at_k", "truncated"):
-            print(f"| {'avg@' + str(k) if key == 'avg_at_k' else key} | {100 * value:.1f}% |")
-        elif isinstance(value, float) and key != "temperature":
-            print(f"| {key} | {value:.3f} |")
+    rows = [
+        ("mean length (tokens)", f"{result['mean_length']:.2f}"),
+        ("cut at --max_new_tokens", f"{100 * result['truncated']:.1f}%"),
+        ("distinct-2", f"{result['distinct_2']:.3f}"),
+    ]
+    if "rouge_l_redundancy" in result:
+        rows.append(("ROUGE-L redundancy", f"{result['rouge_l_redundancy']:.3f}"))
+    if "semantic_diversity" in result:
+        rows.append(("semantic diversity", f"{result['semantic_diversity']:.3f}"))
+    if "fluency" in result:
+        rows.append((f"fluency under {args.fluency_judge} (nats/token)", f"{result['fluency']:.3f}"))
+    if "avg_at_k" in result:
+        rows.append((f"avg@{k}", f"{100 * result['avg_at_k']:.1f}%"))
+        rows += [(f"pass@{n}", f"{100 * value:.1f}%") for n, value in result["pass_at_k"].items()]
+    print("| metric | value |\n|---|---|\n" + "\n".join(f"| {label} | {value} |" for label, value in rows))
     for prompt, texts in list(zip(dataset["prompt"], result["samples"], strict=True))[:2]:
         text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
         print(f"\n### {text}\n" + "\n".join(f"[{i}] {t}" for i, t in enumerate(texts[:3], 1)))
