@@ -210,7 +210,11 @@ def _plot(args, results):
     ax_acc.set_ylabel(f"avg@{args.k} (%) held-out, T=1")
     ax_len.legend(fontsize=7)
     ax_acc.legend(fontsize=7)
-    fig.suptitle(f"Length ablation (alpha={args.alpha:g}): length-aware vs plain TB vs alpha=1")
+    names = {"length_aware": "length-aware TB", "plain_tb": "plain TB", "control": "alpha=1"}
+    shown = [names[name] for name, runs in results.items() if runs]
+    fig.suptitle(
+        f"Length ablation (alpha={args.alpha:g}, at most {args.max_completion_length} tokens): " + " vs ".join(shown)
+    )
     fig.tight_layout()
     fig.savefig(common.results_dir(args.name) / "length_accuracy_over_steps.png", dpi=120)
     plt.close(fig)
