@@ -10,7 +10,6 @@ from conftest import make_model, make_tokenizer
 
 from trl_powerflow import models
 from trl_powerflow.cli import main, make_train_parser
-from trl_powerflow.demo import answer_matches
 from trl_powerflow.sampling import sample
 
 
@@ -188,12 +187,6 @@ def test_evaluate_missing_answer_column(capsys, tiny_model_dir, prompts_file):
          "question", "--dataset_test_split", "train", "--answer_column", "solution"],
     )  # fmt: skip
     assert "no column 'solution' (columns: prompt, id)" in message
-
-
-def test_answer_matches():
-    assert answer_matches("The capital of Peru is LIMA.", ["Lima"])
-    assert answer_matches("It is Kyiv", ["Kiev", "Kyiv"])
-    assert not answer_matches("Cusco", ["Lima", ""])
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .evaluation import score_samples
 from .models import resolve_model_name_or_path
 from .prompt_sets import load_prompt_set
 from .sampling import load_model_and_tokenizer, sample
@@ -65,12 +66,6 @@ class DemoArguments:
     )
 
 
-def answer_matches(completion: str, answers) -> bool:
-    """Whether any accepted answer appears in `completion`, case-insensitively."""
-    completion = completion.lower()
-    return any(answer.lower() in completion for answer in answers if answer)
-
-
 def evaluate(model, tokenizer, dataset, args: DemoArguments) -> dict:
     """Samples `args.eval_samples` answers per question; returns accuracy (avg@k), mean length and the samples."""
     completions, num_tokens = sample(
@@ -83,10 +78,8 @@ def evaluate(model, tokenizer, dataset, args: DemoArguments) -> dict:
         seed=args.seed,
         return_num_tokens=True,
     )
-    correct = [
-        [answer_matches(text, [row["answer"], *row["aliases"]]) for text in texts]
-        for texts, row in zip(completions, dataset, strict=True)
-    ]
+    answers = [[row["answer"], *row["aliases"]] for row in dataset]
+    correct = score_samples(completions, answers, matcher="contains")  # whole words, accents folded
     flat_correct = [c for row in correct for c in row]
     flat_lengths = [n for row in num_tokens for n in row]
     return {
