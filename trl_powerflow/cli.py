@@ -204,7 +204,7 @@ def make_demo_parser() -> TrlParser:
         DemoArguments,
         prog=f"{PROG} demo",
         description="PowerFlow (alpha=4, LoRA) on the embedded SmolLM2-135M: accuracy on held-out capital questions "
-        "before and after training. Defaults take about 12 minutes on 2 idle CPU cores.",
+        "before and after training. Defaults take 15-20 minutes on 2 CPU cores.",
     )
 
 
