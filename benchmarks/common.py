@@ -224,6 +224,8 @@ def write_results(args, table: str, results: dict, notes: str, started: float, p
     Redraws the plot (`plot(args, results)`), then writes README.md (table, command, date, wall time, notes) and
     results.json, each atomically. Prints the table and notes when `final`.
     """
+    from trl_powerflow._io import atomic_path
+
     if final:
         print("\n" + table + "\n\n" + notes)
     plot(args, results)
@@ -236,12 +238,7 @@ def write_results(args, table: str, results: dict, notes: str, started: float, p
     if plots:
         text += ["Plots: " + ", ".join(f"[{p}]({p})" for p in plots), ""]
     data = {"command": command_line(), "date": now, "args": vars(args), "results": results}
-    _write_atomically(path / "README.md", "\n".join(text))
-    _write_atomically(path / "results.json", json.dumps(data, indent=1, default=str))
+    for name, content in (("README.md", "\n".join(text)), ("results.json", json.dumps(data, indent=1, default=str))):
+        with atomic_path(path / name) as tmp_path:
+            Path(tmp_path).write_text(content)
     return path
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)

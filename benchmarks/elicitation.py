@@ -73,13 +73,13 @@ def main(argv=None):
 
     model_path = resolve_model_name_or_path(args.model)
     base, tokenizer = load_model_and_tokenizer(model_path)
+    train = load_prompt_set("capitals", split="train", kinds=["capital"])
+    if args.num_train_prompts:
+        train = train.select(range(min(args.num_train_prompts, len(train))))
+    test = load_prompt_set("capitals", split="test", kinds=["capital"])
+    test = test.select(range(min(args.num_eval_prompts, len(test))))
     results = {row: [] for row in args.rows}
     for seed in args.seeds:
-        train = load_prompt_set("capitals", split="train", kinds=["capital"])
-        if args.num_train_prompts:
-            train = train.select(range(min(args.num_train_prompts, len(train))))
-        test = load_prompt_set("capitals", split="test", kinds=["capital"])
-        test = test.select(range(min(args.num_eval_prompts, len(test))))
         for row in args.rows:
             t0 = time.time()
             print(f"\n=== seed {seed}: {row} ===", flush=True)

@@ -159,3 +159,19 @@ def test_collapse_guard_stops_plain_trajectory_tb_when_its_length_collapses(tmp_
         assert guard.stopped_because is not None and guard.stopped_because.startswith("length collapse")
         assert trainer.state.global_step < 40
         assert lengths[-1] < 0.5 * lengths[0]
+
+
+def test_atomic_path_keeps_the_old_file_on_error(tmp_path):
+    from trl_powerflow._io import atomic_path
+
+    target = tmp_path / "result.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("crash while writing")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+    with atomic_path(target) as tmp:
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]

@@ -403,6 +403,7 @@ def sample_command(args: SampleArguments) -> list[list[str]]:
 def evaluate_command(args: EvaluateArguments) -> dict:
     import json
 
+    from ._io import atomic_path
     from .evaluation import evaluate_model, load_model_and_tokenizer
 
     if args.num_samples < 1 or args.max_new_tokens < 1:
@@ -467,12 +468,9 @@ def evaluate_command(args: EvaluateArguments) -> dict:
         text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
         print(f"\n### {text}\n" + "\n".join(f"[{i}] {t}" for i, t in enumerate(texts[:3], 1)))
     if args.output_file:
-        folder = os.path.dirname(os.path.abspath(args.output_file))
-        os.makedirs(folder, exist_ok=True)
-        temporary = os.path.join(folder, f".{os.path.basename(args.output_file)}.tmp")
-        with open(temporary, "w") as f:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_file)), exist_ok=True)
+        with atomic_path(args.output_file) as tmp_path, open(tmp_path, "w") as f:
             json.dump({"args": vars(args), **result}, f, indent=1, default=str)
-        os.replace(temporary, args.output_file)  # a crash never leaves a half-written file
         print(f"\nWritten: {args.output_file}")
     return result
 

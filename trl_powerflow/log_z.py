@@ -1,11 +1,12 @@
 """The learned log partition function log Z'(x) of PowerFlow, owned by the trainer (not part of the model)."""
 
 import os
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ._io import atomic_path
 
 
 LOG_Z_FILE = "log_z.safetensors"
@@ -86,14 +87,8 @@ class LogZ(nn.Module):
         metadata = {"embedding_dim": str(self.mlp[0].normalized_shape[0]) if self.mlp is not None else "none"}
         if self.mlp is not None:
             metadata["hidden_size"] = str(self.mlp[1].out_features)
-        fd, tmp_path = tempfile.mkstemp(dir=output_dir, prefix=".log_z.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp_path:
             save_file(tensors, tmp_path, metadata=metadata)
-            os.replace(tmp_path, path)
-        finally:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
         return path
 
     def load(self, directory: str) -> None:
