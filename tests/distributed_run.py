@@ -13,7 +13,7 @@ from datasets import Dataset  # noqa: E402
 from trl_powerflow import PowerFlowTrainer  # noqa: E402
 
 
-def main(output_dir, per_device_batch_size):
+def main(output_dir, per_device_batch_size, estimator):
     tokenizer = make_tokenizer()
     args = make_config(
         output_dir,
@@ -23,6 +23,7 @@ def main(output_dir, per_device_batch_size):
         learning_rate=1e-2,
         # SGD and a residual far from zero: Adam would turn float rounding in near-zero gradients into full steps
         optim="sgd",
+        log_z_estimator=estimator,
         log_z_init="zero",
         log_z_learning_rate=1e-2,
         # Greedy decoding: both runs see the same completions, so only the training arithmetic is compared
@@ -34,10 +35,11 @@ def main(output_dir, per_device_batch_size):
     trainer.save_model()
     # Every process keeps its own copy of the log Z head: they must agree
     rank = trainer.accelerator.process_index
-    torch.save(trainer.log_z.state_dict(), os.path.join(output_dir, f"log_z_rank{rank}.pt"))
+    if trainer.log_z is not None:
+        torch.save(trainer.log_z.state_dict(), os.path.join(output_dir, f"log_z_rank{rank}.pt"))
     with open(os.path.join(output_dir, f"should_save_rank{rank}.txt"), "w") as f:
         f.write(str(trainer.args.should_save))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

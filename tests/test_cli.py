@@ -144,7 +144,7 @@ def test_train_then_sample(capsys, tiny_model_dir, prompts_file, tmp_path):
     )  # fmt: skip
     out = capsys.readouterr().out
     assert "Done: 2 steps" in out and str(output_dir) in out
-    assert (output_dir / "log_z.safetensors").is_file()
+    assert not (output_dir / "log_z.safetensors").exists()  # the default group estimate has no state to save
     assert (output_dir / "adapter_config.json").is_file() and (output_dir / "adapter_model.safetensors").is_file()
 
     completions = sample(str(output_dir), ["p0", "p1"], num_samples=3, max_new_tokens=3, seed=0)
@@ -207,4 +207,4 @@ def test_demo_small(capsys, tmp_path):
     main(["demo", "--output_dir", str(tmp_path), *[item for pair in sizes.items() for item in pair]])
     out = capsys.readouterr().out
     assert "accuracy (avg@2)" in out and "mean completion length" in out and "Trained 1 steps" in out
-    assert (tmp_path / "log_z.safetensors").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter_model.safetensors").is_file()

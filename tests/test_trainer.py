@@ -59,7 +59,8 @@ class _GradientRecorder(TrainerCallback):
             params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
             return {n: None if p.grad is None else p.grad.clone() for n, p in params}
 
-        self.steps.append({"policy": grads(self.trainer.model), "log_z": grads(self.trainer.log_z)})
+        log_z = self.trainer.log_z
+        self.steps.append({"policy": grads(self.trainer.model), "log_z": {} if log_z is None else grads(log_z)})
 
 
 def _trainer(tmp_path, tokenizer, model=None, dataset=None, **config):
@@ -103,12 +104,13 @@ def test_psi_is_the_weighted_sum_of_the_rewards(tmp_path, tokenizer):
     assert torch.equal(outputs[0]["psi"], expected)
 
 
-def test_constant_reward_shifts_log_z_by_alpha_times_c(tmp_path, tokenizer):
+@pytest.mark.parametrize("estimator", ["group", "learned"])
+def test_constant_reward_shifts_log_z_by_alpha_times_c(tmp_path, tokenizer, estimator):
     # r = log Z + (1/|y|) log π − α[(1/|y|) log p_base + ψ]: a constant ψ = c is absorbed by log Z (+ α c) and
     # leaves the residuals, the loss and the policy's trajectory unchanged. SGD, not Adam: Adam turns the
     # rounding-level gradient of log Z at its first-batch start (mean residual ~ 1e-8) into a full step of either sign.
     alpha, c = 2.0, 0.75
-    config = dict(alpha=alpha, log_z_conditioning="scalar", max_steps=2, optim="sgd")
+    config = dict(alpha=alpha, log_z_estimator=estimator, log_z_conditioning="scalar", max_steps=2, optim="sgd")
 
     def constant_reward(completions, **kwargs):
         return [c] * len(completions)
@@ -131,7 +133,8 @@ def test_constant_reward_shifts_log_z_by_alpha_times_c(tmp_path, tokenizer):
         assert b["powerflow/residual_abs"] == pytest.approx(a["powerflow/residual_abs"], rel=1e-4, abs=1e-7)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-9)
         assert b["powerflow/policy_logp"] == pytest.approx(a["powerflow/policy_logp"], rel=1e-5)
-    assert shaped.log_z.bias.item() - plain.log_z.bias.item() == pytest.approx(alpha * c, abs=1e-5)
+    if estimator == "learned":
+        assert shaped.log_z.bias.item() - plain.log_z.bias.item() == pytest.approx(alpha * c, abs=1e-5)
 
 
 # 2. Fully unsupervised
@@ -153,10 +156,12 @@ def test_unsupervised_training_moves_the_policy_and_logs(tmp_path, tokenizer):
         assert 1 <= entry["powerflow/completion_length"] <= 3
         assert entry["powerflow/clip_frac"] == 0.0  # one update per generation: on-policy
         assert not any(key.startswith("rewards/") for key in entry)  # the placeholder reward is gone
-    # First step: the policy is the base, and the first-batch start puts log Z at (α − 1)·mean base log-prob
+    # First step: the policy is the base, and log Z is the group mean of (α − 1)·base log-prob: on-policy the
+    # residuals of every group sum to zero
     first = logs[0]
     assert first["powerflow/policy_logp"] == first["powerflow/base_logp"]
     assert first["powerflow/log_z"] == pytest.approx(-(1 - 4.0) * first["powerflow/base_logp"], rel=1e-4)
+    assert all(abs(entry["powerflow/residual_mean"]) < 1e-6 for entry in logs)
     moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
     assert len(moved) == len(before)
 
@@ -286,11 +291,11 @@ def test_beta_does_not_enter_the_loss(tmp_path, tokenizer):
     assert all(torch.equal(policy[n], p) for n, p in plain.model.named_parameters())
 
 
-@pytest.mark.parametrize("log_z_init", ["first_batch", "zero"])
-def test_alpha_one_is_a_fixed_point_at_init(tmp_path, tokenizer, log_z_init):
+@pytest.mark.parametrize("estimator,log_z_init", [("group", "first_batch"), ("learned", "first_batch"), ("learned", "zero")])
+def test_alpha_one_is_a_fixed_point_at_init(tmp_path, tokenizer, estimator, log_z_init):
     # π_θ = p_base at step 0 and α = 1: the residual is log Z' alone, and log Z' starts at exactly 0 either way
-    # (first_batch fits it to targets that are all 0).
-    trainer = _trainer(tmp_path, tokenizer, alpha=1.0, max_steps=1, log_z_init=log_z_init)
+    # (first_batch fits it to targets that are all 0; the group mean of zeros is 0).
+    trainer = _trainer(tmp_path, tokenizer, alpha=1.0, max_steps=1, log_z_estimator=estimator, log_z_init=log_z_init)
     recorder = _GradientRecorder(trainer)
     trainer.add_callback(recorder)
     before = _snapshot(trainer.model)
@@ -301,7 +306,7 @@ def test_alpha_one_is_a_fixed_point_at_init(tmp_path, tokenizer, log_z_init):
     assert first["powerflow/residual_abs"] == 0.0 and first["powerflow/log_z"] == 0.0
     assert first["powerflow/policy_logp"] == first["powerflow/base_logp"] < 0
     grads = recorder.steps[0]
-    for group in ("policy", "log_z"):
+    for group in ("policy", "log_z") if estimator == "learned" else ("policy",):
         assert grads[group] and all(g is not None and not g.any() for g in grads[group].values()), group
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
 
@@ -309,9 +314,12 @@ def test_alpha_one_is_a_fixed_point_at_init(tmp_path, tokenizer, log_z_init):
 # 7. Gradient accumulation
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path, tokenizer):
+@pytest.mark.parametrize("estimator", ["group", "learned"])
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tokenizer, estimator):
     # Same 8 completions (generation batch 8 either way), split into 2 micro-batches of 4 or kept as one batch of 8:
-    # the accumulated gradients and the logged loss must agree (TRL expects the loss already divided by GA).
+    # the accumulated gradients and the logged loss must agree (TRL expects the loss already divided by GA). With the
+    # group estimate, 2 prompts x 4 samples: each micro-batch must hold one whole group (TRL's sample-wise shuffle
+    # would split them).
     runs = {}
     for ga, batch in ((1, 8), (2, 4)):
         trainer = _trainer(
@@ -320,6 +328,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tokenizer):
             per_device_train_batch_size=batch,
             gradient_accumulation_steps=ga,
             max_steps=1,
+            dataset=_dataset(2),  # two distinct prompts in every generation batch
+            log_z_estimator=estimator,
+            num_generations=4 if estimator == "group" else 8,
             log_z_init="zero",  # first_batch would fit log Z on the first micro-batch only
             log_z_conditioning="scalar",
             max_grad_norm=0.0,
@@ -332,10 +343,11 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tokenizer):
 
     (log1, grads1, completions1), (log2, grads2, completions2) = runs[1], runs[2]
     assert torch.equal(completions1, completions2)  # the comparison is on the same samples
-    bias1, bias2 = grads1["log_z"]["bias"], grads2["log_z"]["bias"]
-    assert bias1.abs() > 1e-3
-    torch.testing.assert_close(bias2, bias1, rtol=1e-5, atol=0)
-    assert log2["loss"] == pytest.approx(log1["loss"], rel=1e-5)
+    if estimator == "learned":
+        bias1, bias2 = grads1["log_z"]["bias"], grads2["log_z"]["bias"]
+        assert bias1.abs() > 1e-3
+        torch.testing.assert_close(bias2, bias1, rtol=1e-5, atol=0)
+    assert log2["loss"] == pytest.approx(log1["loss"], rel=1e-5) and log1["loss"] > 1e-4
     for name, g1 in grads1["policy"].items():
         torch.testing.assert_close(grads2["policy"][name], g1, rtol=1e-4, atol=1e-7)
 
@@ -353,7 +365,7 @@ class _LogZAtTrainBegin(TrainerCallback):
 
 def test_checkpoint_saves_and_resume_restores_log_z(tmp_path, tokenizer):
     out = tmp_path / "out"
-    config = dict(max_steps=2, save_strategy="steps", save_steps=1)
+    config = dict(max_steps=2, save_strategy="steps", save_steps=1, log_z_estimator="learned")
     first = _trainer(out, tokenizer, **config)
     first.train()
     for step in (1, 2):
@@ -385,20 +397,22 @@ def test_checkpoint_saves_and_resume_restores_log_z(tmp_path, tokenizer):
 
 def test_resume_from_a_checkpoint_without_log_z_fails_loudly(tmp_path, tokenizer):
     out = tmp_path / "out"
-    first = _trainer(out, tokenizer, max_steps=1, save_strategy="steps", save_steps=1)
+    config = dict(save_strategy="steps", save_steps=1, log_z_estimator="learned")
+    first = _trainer(out, tokenizer, max_steps=1, **config)
     first.train()
     os.remove(out / "checkpoint-1" / "log_z.safetensors")
-    resumed = _trainer(out, tokenizer, max_steps=2, save_strategy="steps", save_steps=1)
+    resumed = _trainer(out, tokenizer, max_steps=2, **config)
     with pytest.raises(FileNotFoundError, match="log_z.safetensors"):
         resumed.train(resume_from_checkpoint=str(out / "checkpoint-1"))
 
 
-def test_save_model_elsewhere_writes_the_model_card_there(tmp_path, tokenizer):
-    trainer = _trainer(tmp_path / "out", tokenizer, max_steps=1)
+@pytest.mark.parametrize("estimator", ["group", "learned"])
+def test_save_model_elsewhere_writes_the_model_card_there(tmp_path, tokenizer, estimator):
+    trainer = _trainer(tmp_path / "out", tokenizer, max_steps=1, log_z_estimator=estimator)
     trainer.train()
     other = tmp_path / "other"
     trainer.save_model(str(other))
-    assert (other / "log_z.safetensors").is_file()
+    assert (other / "log_z.safetensors").is_file() == (estimator == "learned")  # the group estimate has no state
     assert not (tmp_path / "out" / "README.md").exists()
     assert "2603.18363" in (other / "README.md").read_text()
 

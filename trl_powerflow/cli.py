@@ -357,10 +357,11 @@ def train(script_args: PowerFlowScriptArguments, training_args: PowerFlowConfig,
 
     output_dir = os.path.abspath(training_args.output_dir)
     what = "LoRA adapter" if model_args.use_peft else "model"
+    log_z = f"  log Z:  {os.path.join(output_dir, 'log_z.safetensors')}\n" if trainer.log_z is not None else ""
     trainer.accelerator.print(
         f"Done: {trainer.state.global_step} steps in {(time.perf_counter() - start) / 60:.1f} min.\n"
         f"  {what}: {output_dir}\n"
-        f"  log Z:  {os.path.join(output_dir, 'log_z.safetensors')}\n"
+        f"{log_z}"
         f'  try it: {PROG} sample --model_name_or_path {training_args.output_dir} --prompt "..."'
     )
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish trackers, destroy the process group

@@ -25,16 +25,24 @@ class PowerFlowConfig(GRPOConfig):
             Divide the TB residual by the completion length (the PowerFlow objective, whose fixed point is the
             α-power tilted on length). `False` gives plain trajectory TB, whose target `p_base^alpha / Z` collapses
             the length for `alpha > 1`; kept for the ablation.
+        log_z_estimator (`str`, *optional*, defaults to `"group"`):
+            How log Z'(x) is obtained. `"group"`: in closed form from the `num_generations` samples of each prompt
+            (the weighted group mean of the values that zero their residuals; the loss becomes the within-group
+            variance of the residual, VarGrad). Same fixed point as TB, nothing to learn, so nothing lags. Needs at
+            least 2 samples of a prompt in each micro-batch: the trainer keeps a prompt's samples together, and
+            `per_device_train_batch_size` should be a multiple of `num_generations` (or divide it). `"learned"`:
+            the log Z head below, trained beside the policy; it also serves one sample per micro-batch.
         log_z_conditioning (`str`, *optional*, defaults to `"prompt"`):
-            `"prompt"`: log Z'(x) is a bias plus a small MLP on the mean of the prompt's input embeddings.
+            Learned head only. `"prompt"`: log Z'(x) is a bias plus a small MLP on the mean of the prompt's input embeddings.
             `"scalar"`: one log Z' for every prompt.
         log_z_hidden_size (`int`, *optional*, defaults to `256`):
-            Width of the hidden layers of the prompt-conditioned log Z head.
+            Learned head only. Width of the hidden layers of the prompt-conditioned log Z head.
         log_z_learning_rate (`float`, *optional*, defaults to `1e-2`):
-            Learning rate of the log Z head (its own optimizer group, no weight decay). It must track its target
-            faster than the policy moves, hence far larger than the policy's.
+            Learned head only. Learning rate of the log Z head: its own optimizer group, no weight decay, constant
+            (no warmup or decay: the head must track a moving target to the last step) and outside `max_grad_norm`
+            clipping (its gradient does not grow with the model's). Far larger than the policy's.
         log_z_init (`str`, *optional*, defaults to `"first_batch"`):
-            `"first_batch"`: fit log Z'(x) to the values that zero the residuals of the first batch (at the start the
+            Learned head only. `"first_batch"`: fit log Z'(x) to the values that zero the residuals of the first batch (at the start the
             residual is dominated by `(1 - alpha) * mean base log-prob`, many nats). `"zero"`: start at 0.
         epsilon (`float`, *optional*, defaults to `0.2`):
             Lower clipping bound of the sequence-level importance weight: `w >= 1 - epsilon`.
@@ -61,6 +69,14 @@ class PowerFlowConfig(GRPOConfig):
         metadata={
             "help": "Divide the TB residual by the completion length (PowerFlow). False gives plain trajectory TB, "
             "which collapses the length for alpha > 1 (kept for the ablation)."
+        },
+    )
+    log_z_estimator: str = field(
+        default="group",
+        metadata={
+            "help": "How log Z'(x) is obtained: 'group' (closed form from each prompt's num_generations samples; the "
+            "loss is the within-group variance of the residual) or 'learned' (a head trained beside the policy).",
+            "choices": ["group", "learned"],
         },
     )
     log_z_conditioning: str = field(
@@ -124,6 +140,24 @@ class PowerFlowConfig(GRPOConfig):
                 "`sync_ref_model=True` would move the base model towards the policy, but the base model defines "
                 "PowerFlow's target p_base^alpha. Set `sync_ref_model=False`; for a stronger effect raise `alpha`."
             )
+        if self.log_z_estimator not in ("group", "learned"):
+            raise ValueError(f"`log_z_estimator` must be 'group' or 'learned', got {self.log_z_estimator!r}.")
+        if self.log_z_estimator == "group":
+            group, batch = self.num_generations, self.per_device_train_batch_size
+            if batch < 2:
+                raise ValueError(
+                    "`log_z_estimator='group'` estimates log Z from the samples of each prompt in a micro-batch, so "
+                    "it needs per_device_train_batch_size >= 2 (got 1). Raise it (and lower "
+                    "gradient_accumulation_steps), or use `log_z_estimator='learned'`."
+                )
+            if batch % group and group % batch:
+                warnings.warn(
+                    f"per_device_train_batch_size={batch} is neither a multiple nor a divisor of "
+                    f"num_generations={group}: some micro-batches will hold a single sample of a prompt, which "
+                    "`log_z_estimator='group'` cannot use (it gets no gradient). Make one a multiple of the other.",
+                    UserWarning,
+                    stacklevel=3,
+                )
         if self.log_z_conditioning not in ("prompt", "scalar"):
             raise ValueError(f"`log_z_conditioning` must be 'prompt' or 'scalar', got {self.log_z_conditioning!r}.")
         if self.log_z_init not in ("first_batch", "zero"):

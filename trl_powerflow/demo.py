@@ -33,7 +33,7 @@ class DemoArguments:
         metadata={"help": "Model to fine-tune: the embedded 'smollm2-135m', a hub id or a local directory."},
     )
     output_dir: str = field(
-        default="powerflow-demo", metadata={"help": "Where the LoRA adapter and log_z.safetensors are saved."}
+        default="powerflow-demo", metadata={"help": "Where the LoRA adapter is saved."}
     )
     alpha: float = field(default=4.0, metadata={"help": "Power of the target p_base(y|x)^alpha (> 1 sharpens)."})
     max_steps: int = field(default=30, metadata={"help": "Training steps."})
@@ -43,7 +43,10 @@ class DemoArguments:
         default=12, metadata={"help": "Longest completion in tokens, in training and evaluation."}
     )
     learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the LoRA weights."})
-    log_z_learning_rate: float = field(default=1e-2, metadata={"help": "Learning rate of the log Z head."})
+    log_z_estimator: str = field(
+        default="group",
+        metadata={"help": "log Z'(x): 'group' (from each prompt's samples) or 'learned' (a head).", "choices": ["group", "learned"]},
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (LoRA on every linear layer)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
     num_train_prompts: int | None = field(
@@ -154,7 +157,7 @@ def run_demo(args: DemoArguments) -> dict:
         output_dir=args.output_dir,
         alpha=args.alpha,
         learning_rate=args.learning_rate,
-        log_z_learning_rate=args.log_z_learning_rate,
+        log_z_estimator=args.log_z_estimator,
         per_device_train_batch_size=args.prompts_per_step * args.num_generations,
         num_generations=args.num_generations,
         max_completion_length=args.max_completion_length,
@@ -193,7 +196,7 @@ def run_demo(args: DemoArguments) -> dict:
     print()
     print(
         f"Trained {args.max_steps} steps in {train_seconds / 60:.1f} min; whole demo {total_seconds / 60:.1f} min. "
-        f"Adapter and log_z.safetensors saved to {os.path.abspath(args.output_dir)}"
+        f"Adapter saved to {os.path.abspath(args.output_dir)}"
     )
     return {
         "accuracy_before": before["accuracy"],

@@ -14,8 +14,9 @@ class PowerFlowLossOutput:
     importance_weight: torch.Tensor  # w (detached, clipped)
     is_clipped: torch.Tensor  # whether the raw importance weight fell outside the clipping range
     valid: torch.Tensor  # rows with at least one completion token and a finite residual
-    policy_logps: torch.Tensor  # (1/|y|) log π_θ(y|x), or log π_θ(y|x) in trajectory mode
-    base_logps: torch.Tensor  # (1/|y|) log p_base(y|x), or log p_base(y|x) in trajectory mode
+    log_z: torch.Tensor  # log Z'(x) used for each sample (given, or estimated from its group), detached
+    policy_logps: torch.Tensor  # (1/|y|) log π_θ(y|x), the mean per-token log-prob in both modes (detached)
+    base_logps: torch.Tensor  # (1/|y|) log p_base(y|x), the mean per-token log-prob in both modes
     lengths: torch.Tensor  # |y|, EOS included
 
 
@@ -23,13 +24,14 @@ def powerflow_loss(
     policy_logps: torch.Tensor,
     base_logps: torch.Tensor,
     mask: torch.Tensor,
-    log_z: torch.Tensor,
+    log_z: torch.Tensor | None,
     alpha: float,
     psi: torch.Tensor | None = None,
     old_logps: torch.Tensor | None = None,
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.28,
     length_normalization: bool = True,
+    groups: torch.Tensor | None = None,
 ) -> PowerFlowLossOutput:
     r"""
     Length-aware Trajectory Balance loss of PowerFlow ([arXiv 2603.18363](https://arxiv.org/abs/2603.18363)).
@@ -47,6 +49,15 @@ def powerflow_loss(
     trajectory balance, `r = log Z(x) + log π_θ(y|x) − α · [log p_base(y|x) + ψ(y)]`, whose fixed point is
     `p_base^α · exp(αψ) / Z`.
 
+    With `log_z=None`, log Z'(x) is estimated from each prompt's group of samples (VarGrad): the value that minimises
+    the group's Σ_i w_i r_i² in closed form, the w-weighted group mean of what log Z' must equal to zero each residual,
+
+        log Z'(x) = Σ_i w_i t_i / Σ_i w_i,   t_i = α · [ (1/|y_i|) log p_base(y_i|x) + ψ(y_i) ] − (1/|y_i|) log π_θ(y_i|x),
+
+    taken detached. The loss is then the weighted within-group variance of the residual, whose zero is the same fixed
+    point (every residual of a prompt equal); detaching does not change the gradient, since Σ_i w_i (r_i − r̄) = 0.
+    Nothing is learned, so nothing lags. A sample alone in its group gets r = 0 and no gradient.
+
     Args:
         policy_logps (`torch.Tensor` of shape `(B, T)`):
             Per-token log-probabilities of the completions under the policy π_θ (with gradients, untempered).
@@ -54,8 +65,9 @@ def powerflow_loss(
             Per-token log-probabilities under the frozen base model.
         mask (`torch.Tensor` of shape `(B, T)`):
             1 for completion tokens, 0 for padding. A row without any token is ignored.
-        log_z (`torch.Tensor` of shape `(B,)`):
-            log Z'(x) of each sample's prompt (with gradients for the log Z head).
+        log_z (`torch.Tensor` of shape `(B,)` or `None`):
+            log Z'(x) of each sample's prompt (with gradients for the log Z head), or `None` to estimate it from
+            `groups`.
         alpha (`float`):
             The power. α > 1 sharpens the base distribution, α < 1 flattens it.
         psi (`torch.Tensor` of shape `(B,)`, *optional*):
@@ -66,6 +78,8 @@ def powerflow_loss(
             Clipping range of the importance weight.
         length_normalization (`bool`):
             Length-aware residual (True) or plain trajectory balance (False).
+        groups (`torch.Tensor` of shape `(B,)`, *optional*):
+            Integer label of each sample's prompt (equal labels, same prompt). Required when `log_z` is `None`.
     """
     mask = mask.to(policy_logps.dtype)
     lengths = mask.sum(-1)
@@ -76,8 +90,8 @@ def powerflow_loss(
     scale = lengths.clamp(min=1.0) if length_normalization else torch.ones_like(lengths)
     policy_term, base_term = policy_sum / scale, base_sum / scale
     psi = torch.zeros_like(policy_term) if psi is None else psi.to(policy_term.dtype)
-
-    residual = log_z + policy_term - alpha * (base_term + psi)
+    # t: the log Z' that zeroes this sample's residual, r = log Z' − t
+    target = alpha * (base_term + psi) - policy_term
 
     if old_logps is None:
         log_ratio = torch.zeros_like(policy_term)
@@ -87,9 +101,14 @@ def powerflow_loss(
     importance_weight = raw_weight.clamp(1 - epsilon_low, 1 + epsilon_high)
     is_clipped = (raw_weight < 1 - epsilon_low) | (raw_weight > 1 + epsilon_high)
 
-    valid = has_tokens & torch.isfinite(residual) & torch.isfinite(importance_weight)
+    valid = has_tokens & torch.isfinite(target) & torch.isfinite(importance_weight)
+    if log_z is None:
+        if groups is None:
+            raise ValueError("`groups` is required to estimate log Z from each prompt's samples (log_z=None).")
+        log_z = group_mean(target.detach(), torch.where(valid, importance_weight, 0.0), groups)
+    valid = valid & torch.isfinite(log_z)
     # `where` (not multiplication) so a non-finite residual sends no NaN gradient through masked rows
-    residual = torch.where(valid, residual, 0.0)
+    residual = torch.where(valid, log_z - target, 0.0)
     importance_weight = torch.where(valid, importance_weight, 0.0)
     loss = importance_weight * residual.square()
     return PowerFlowLossOutput(
@@ -98,7 +117,22 @@ def powerflow_loss(
         importance_weight=importance_weight,
         is_clipped=is_clipped & valid,
         valid=valid,
-        policy_logps=policy_term.detach(),
-        base_logps=base_term.detach(),
+        log_z=torch.where(valid, log_z.detach(), 0.0),
+        policy_logps=(policy_sum / lengths.clamp(min=1.0)).detach(),
+        base_logps=base_sum / lengths.clamp(min=1.0),
         lengths=lengths,
     )
+
+
+def group_mean(values: torch.Tensor, weights: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """
+    The `weights`-weighted mean of `values` over each group, returned per sample: shape `(B,)` like the inputs.
+
+    Rows of weight 0 do not count (their non-finite values included); a group with no weight gets NaN.
+    """
+    _, groups = torch.unique(groups, return_inverse=True)
+    weighted = torch.where(weights > 0, weights * values, 0.0)
+    totals = torch.zeros(int(groups.max()) + 1, dtype=values.dtype, device=values.device)
+    sums = totals.index_add(0, groups, weighted)
+    counts = totals.index_add(0, groups, weights.to(values.dtype))
+    return (sums / counts)[groups]

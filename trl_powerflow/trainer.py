@@ -5,19 +5,22 @@ import copy
 import os
 import re
 import textwrap
+from functools import partial
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, get_config_model_id
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, get_config_model_id, split_tensor_dict
 
 from .config import PowerFlowConfig
+from .groups import prompt_groups, shuffle_groups
 from .log_z import LOG_Z_FILE, LogZ
 from .objective import powerflow_loss
 
@@ -38,8 +41,9 @@ class PowerFlowTrainer(GRPOTrainer):
     the weighted sum of the rewards is the sequence-level term ψ(y) inside the α bracket of the target.
 
     The base model's log-probabilities are TRL's reference log-probabilities: the adapter-disabled model with PEFT
-    (no second copy), a frozen reference model otherwise. The log Z head belongs to the trainer: it has its own
-    optimizer group and is saved with every checkpoint as `log_z.safetensors`.
+    (no second copy), a frozen reference model otherwise. log Z'(x) is estimated from each prompt's group of samples
+    (the default; the trainer keeps a prompt's samples in one micro-batch), or learned by a head that belongs to the
+    trainer: its own optimizer group, saved with every checkpoint as `log_z.safetensors`.
 
     Example:
 
@@ -100,17 +104,24 @@ class PowerFlowTrainer(GRPOTrainer):
             self.reward_weights = torch.ones(0)
         if in_memory_base is not None:
             self.ref_model = self._prepare_in_memory_base(in_memory_base)
+        if self._is_vlm:
+            raise ValueError(
+                "PowerFlowTrainer does not support vision-language models yet: its policy pass would score the "
+                "completions without the images the base model saw. Use a text-only model."
+            )
 
-        embeddings = self.accelerator.unwrap_model(self.model).get_input_embeddings()
-        embedding_dim = embeddings.embedding_dim if args.log_z_conditioning == "prompt" else None
-        # GRPO leaves a different seed on each process (for sampling): draw the head's init from the run's seed so
-        # that every process starts from the same head
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            self.log_z = LogZ(embedding_dim, args.log_z_hidden_size).to(self.accelerator.device)
-        if args.log_z_init == "zero":
-            self.log_z.start_at(0.0)
-        self.add_callback(_LogZGradientCallback(self.log_z, self.accelerator))
+        self.log_z = None  # log_z_estimator="group": estimated in `_compute_loss`, nothing to learn or save
+        if args.log_z_estimator == "learned":
+            embeddings = self.accelerator.unwrap_model(self.model).get_input_embeddings()
+            embedding_dim = embeddings.embedding_dim if args.log_z_conditioning == "prompt" else None
+            # GRPO leaves a different seed on each process (for sampling): draw the head's init from the run's seed
+            # so that every process starts from the same head
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed)
+                self.log_z = LogZ(embedding_dim, args.log_z_hidden_size).to(self.accelerator.device)
+            if args.log_z_init == "zero":
+                self.log_z.start_at(0.0)
+            self.add_callback(_LogZGradientCallback(self.log_z, self.accelerator))
         self._non_finite_batches = 0
 
     def _prepare_in_memory_base(self, base_model):
@@ -125,12 +136,43 @@ class PowerFlowTrainer(GRPOTrainer):
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        log_z_params = list(self.log_z.parameters())
-        if not any(p is log_z_params[0] for group in optimizer.param_groups for p in group["params"]):
+        if self.log_z is not None and self._log_z_param_group(optimizer) is None:
             optimizer.add_param_group(
-                {"params": log_z_params, "lr": self.args.log_z_learning_rate, "weight_decay": 0.0}
+                {"params": list(self.log_z.parameters()), "lr": self.args.log_z_learning_rate, "weight_decay": 0.0}
             )
         return optimizer
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        index = self._log_z_param_group(self.optimizer) if self.log_z is not None else None
+        if index is not None:
+            # The head tracks a target that moves with the policy until the last step: a decayed (or warming up)
+            # learning rate makes it lag. Constant, whatever the policy's schedule.
+            if not isinstance(scheduler, LambdaLR):
+                raise ValueError(
+                    f"lr_scheduler_type={self.args.lr_scheduler_type!r} cannot keep the log Z head's learning rate "
+                    "constant. Use a warmup/decay schedule (linear, cosine, constant, ...) or "
+                    "`log_z_estimator='group'`."
+                )
+            scheduler.lr_lambdas[index] = _constant
+            scheduler.optimizer.param_groups[index]["lr"] = self.args.log_z_learning_rate
+        return scheduler
+
+    def _log_z_param_group(self, optimizer) -> int | None:
+        bias = self.log_z.bias
+        return next((i for i, g in enumerate(optimizer.param_groups) if any(p is bias for p in g["params"])), None)
+
+    def _prepare_inputs(self, generation_batch):
+        if not self.model.training:
+            return super()._prepare_inputs(generation_batch)
+        # GRPO's, with one change: the generation batch is shuffled by whole prompt groups (see `groups.py`) before
+        # it is cut into micro-batches, so that each micro-batch holds every sample of its prompts
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            batch = shuffle_groups(batch, prompt_groups(batch["prompt_ids"], batch["prompt_mask"]))
+            self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         device = self.accelerator.device
@@ -163,10 +205,11 @@ class PowerFlowTrainer(GRPOTrainer):
             repeated_ngram_rate(ids[mask.bool()].tolist())
             for ids, mask in zip(output["completion_ids"].cpu(), output["completion_mask"].cpu(), strict=True)
         ]
-        rates = [r for r in rates if r is not None] or [0.0]
+        rates = [r for r in rates if r is not None]
         totals = torch.tensor([sum(rates), float(len(rates))], device=self.accelerator.device)
         totals = self.accelerator.reduce(totals, reduction="sum")
-        self._metrics[mode]["powerflow/repeated_ngram_rate"].append((totals[0] / totals[1]).item())
+        if totals[1] > 0:  # no completion long enough to hold a repeated n-gram: nothing to report
+            self._metrics[mode]["powerflow/repeated_ngram_rate"].append((totals[0] / totals[1]).item())
         return output
 
     def _prompt_embeddings(self, model, prompt_ids, prompt_mask):
@@ -185,7 +228,8 @@ class PowerFlowTrainer(GRPOTrainer):
         policy_logps, entropies, _ = self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True
         )
-        objective = dict(
+        objective = partial(
+            powerflow_loss,
             policy_logps=policy_logps,
             base_logps=inputs["ref_per_token_logps"],
             mask=mask,
@@ -196,50 +240,63 @@ class PowerFlowTrainer(GRPOTrainer):
             epsilon_high=self.epsilon_high,
             length_normalization=self.args.length_normalization,
         )
-        prompt_embeds = self._prompt_embeddings(model, prompt_ids, prompt_mask)
         mode = "train" if self.model.training else "eval"
-        if mode == "train" and not self.log_z.initialized:
-            # Data-driven start: fit log Z'(x) to the values that zero this batch's residuals, on the same data on
-            # every process so that the head stays identical everywhere
-            with torch.no_grad():
-                gap = powerflow_loss(log_z=torch.zeros_like(policy_logps[:, 0]), **objective)
-            valid = self.accelerator.gather(gap.valid)
-            self.log_z.fit_start(
-                self.accelerator.gather(prompt_embeds)[valid], -self.accelerator.gather(gap.residual)[valid]
-            )
-        log_z = self.log_z(prompt_embeds)
-        out = powerflow_loss(log_z=log_z, **objective)
+        if self.log_z is None:
+            out = objective(log_z=None, groups=prompt_groups(prompt_ids, prompt_mask))
+        else:
+            out = objective(log_z=self._learned_log_z(objective, model, prompt_ids, prompt_mask, mode))
 
         loss = out.loss.sum() / out.valid.sum().clamp(min=1)
         if mode == "train":
             loss = loss / self.current_gradient_accumulation_steps  # TRL expects the loss already scaled for GA
+        self._log_metrics(out, entropies, mask, mode)
+        return loss
 
-        # Metrics: means over the valid sequences of all processes
+    def _learned_log_z(self, objective, model, prompt_ids, prompt_mask, mode):
+        """log Z'(x) from the head, started at the first training batch (the data-driven start)."""
+        prompt_embeds = self._prompt_embeddings(model, prompt_ids, prompt_mask)
+        if mode == "train" and not self.log_z.initialized:
+            # Fit log Z'(x) to the values that zero this batch's residuals (r = log Z' - t, so t = -r at log Z' = 0),
+            # on the same data on every process so that the head stays identical everywhere
+            with torch.no_grad():
+                gap = objective(log_z=torch.zeros_like(prompt_ids[:, 0], dtype=torch.float32))
+            valid = self.accelerator.gather(gap.valid)
+            if valid.any():  # a batch without a finite residual says nothing about log Z: wait for the next one
+                self.log_z.fit_start(
+                    self.accelerator.gather(prompt_embeds)[valid], -self.accelerator.gather(gap.residual)[valid]
+                )
+        return self.log_z(prompt_embeds)
+
+    def _log_metrics(self, out, entropies, mask, mode):
+        """Means over the valid sequences of all processes, with one reduction."""
         valid = out.valid.float()
-        stats = torch.stack(
-            [
-                (log_z.detach() * valid).sum(),
-                (out.residual.detach().abs() * valid).sum(),
-                (out.residual.detach().square() * valid).sum(),
-                (out.base_logps * valid).sum(),
-                (out.policy_logps * valid).sum(),
-                (out.lengths * valid).sum(),
-                (out.is_clipped.float()).sum(),
-                (entropies.detach() * mask).sum(),
-                mask.sum(),
-                valid.sum(),
-                ((out.lengths > 0) & ~out.valid).float().sum(),  # non-finite residual or importance weight
-            ]
-        )
-        stats = self.accelerator.reduce(stats, reduction="sum").tolist()
-        num_valid = max(stats[9], 1.0)
-        names = ["log_z", "residual_abs", "residual_sq", "base_logp", "policy_logp", "completion_length", "clip_frac"]
-        for name, total in zip(names, stats[:7], strict=True):
-            self._metrics[mode][f"powerflow/{name}"].append(total / num_valid)
-        self._metrics[mode]["powerflow/non_finite_sequences"].append(stats[10])
-        self._metrics[mode]["entropy"].append(stats[7] / max(stats[8], 1.0))
-        # Non-finite rows are left out of the loss above; a batch with nothing else to learn from is a real problem
-        self._non_finite_batches = self._non_finite_batches + 1 if stats[9] == 0 and stats[10] > 0 else 0
+        residual = out.residual.detach()
+        per_sequence = {  # invalid rows are zero in these
+            "log_z": out.log_z,
+            "residual_mean": residual,  # signed: far from 0 and one-signed means log Z does not track its target
+            "residual_abs": residual.abs(),
+            "residual_sq": residual.square(),
+            "base_logp": out.base_logps * valid,  # mean per-token log-probs, whatever length_normalization
+            "policy_logp": out.policy_logps * valid,
+            "completion_length": out.lengths * valid,
+            "clip_frac": out.is_clipped.float(),
+        }
+        counts = {
+            "entropy": (entropies.detach() * mask).sum(),
+            "tokens": mask.sum(),
+            "valid": valid.sum(),
+            "non_finite": ((out.lengths > 0) & ~out.valid).float().sum(),  # non-finite residual or importance weight
+        }
+        sums = torch.stack([v.sum() for v in per_sequence.values()] + list(counts.values()))
+        sums = dict(zip([*per_sequence, *counts], self.accelerator.reduce(sums, reduction="sum").tolist(), strict=True))
+        for name in per_sequence:
+            self._metrics[mode][f"powerflow/{name}"].append(sums[name] / max(sums["valid"], 1.0))
+        self._metrics[mode]["powerflow/non_finite_sequences"].append(sums["non_finite"])
+        self._metrics[mode]["entropy"].append(sums["entropy"] / max(sums["tokens"], 1.0))
+        if mode != "train":
+            return
+        # Non-finite rows are left out of the loss; a training batch with nothing else to learn from is a problem
+        self._non_finite_batches = self._non_finite_batches + 1 if sums["valid"] == 0 and sums["non_finite"] else 0
         if self._non_finite_batches >= _MAX_NON_FINITE_BATCHES:
             raise RuntimeError(
                 f"Every completion had a non-finite residual in {self._non_finite_batches} batches in a row (see "
@@ -247,7 +304,6 @@ class PowerFlowTrainer(GRPOTrainer):
                 "the policy diverged. Check that the base model and the policy share the tokenizer, lower the "
                 "learning rate, or resume from the last checkpoint."
             )
-        return loss
 
     def log(self, logs, start_time=None):
         if not self.reward_funcs:  # GRPO's reward statistics mean nothing without reward functions
@@ -259,7 +315,7 @@ class PowerFlowTrainer(GRPOTrainer):
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         if resume_from_checkpoint is True:
             # Trainer takes the highest-numbered checkpoint, even one left half-written by a crash during its save
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir, with_log_z=self.log_z is not None)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
@@ -267,7 +323,7 @@ class PowerFlowTrainer(GRPOTrainer):
     def _load_optimizer_and_scheduler(self, checkpoint):
         # Called on resume by every backend (unlike `_load_from_checkpoint`, which DeepSpeed and FSDP bypass)
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
+        if checkpoint is not None and self.log_z is not None:
             if not os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE)):
                 raise FileNotFoundError(
                     f"{checkpoint} has no {LOG_Z_FILE}: it was not written by PowerFlowTrainer, so log Z cannot be "
@@ -280,7 +336,7 @@ class PowerFlowTrainer(GRPOTrainer):
         output_dir = output_dir or self.args.output_dir
         # Here rather than in `_save`: checkpoints come through this method too, and DeepSpeed or sharded FSDP
         # save the model without `_save`
-        if self.args.should_save:
+        if self.args.should_save and self.log_z is not None:
             os.makedirs(output_dir, exist_ok=True)
             self.log_z.save(output_dir)
         if not _internal_call and self.is_world_process_zero():
@@ -309,8 +365,11 @@ class _LogZGradientCallback(TrainerCallback):
         self.log_z.zero_grad(set_to_none=True)
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The latest `checkpoint-N` in `output_dir` whose save finished (its trainer state, written last, is there)."""
+def last_complete_checkpoint(output_dir: str, with_log_z: bool = True) -> str | None:
+    """
+    The latest `checkpoint-N` in `output_dir` whose save finished: its trainer state (written last) is there, and its
+    log Z head when `with_log_z`.
+    """
     if not os.path.isdir(output_dir):
         return None
     steps = sorted(
@@ -319,8 +378,8 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     )
     for step in steps:
         checkpoint = os.path.join(output_dir, f"checkpoint-{step}")
-        if os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)) and os.path.isfile(
-            os.path.join(checkpoint, LOG_Z_FILE)
+        if os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)) and (
+            not with_log_z or os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE))
         ):
             return checkpoint
         logger.warning(f"Skipping {checkpoint}: its save did not finish.")
@@ -331,6 +390,10 @@ def repeated_ngram_rate(token_ids: list[int], n: int = 3) -> float | None:
     """Fraction of the n-grams of a completion that repeat an earlier one (None when shorter than n)."""
     ngrams = [tuple(token_ids[i : i + n]) for i in range(len(token_ids) - n + 1)]
     return 1.0 - len(set(ngrams)) / len(ngrams) if ngrams else None
+
+
+def _constant(step):
+    return 1.0
 
 
 def _no_reward(completions, **kwargs):
