@@ -43,7 +43,13 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank (all linear layers, lora_alpha = 2r).")
     parser.add_argument("--learning_rate", type=float, default=2e-4, help="Learning rate of the LoRA weights.")
     parser.add_argument(
-        "--log_z_learning_rate", type=float, default=1e-2, help="Learning rate of PowerFlow's log Z head."
+        "--log_z_estimator",
+        default="group",
+        choices=["group", "learned"],
+        help="PowerFlow's log Z: from each prompt's group of samples, or a learned head.",
+    )
+    parser.add_argument(
+        "--log_z_learning_rate", type=float, default=1e-2, help="Learning rate of PowerFlow's learned log Z head."
     )
     parser.add_argument("--prompts_per_step", type=int, default=4, help="Distinct prompts per training step.")
     parser.add_argument("--num_generations", type=int, default=8, help="Sampled completions per prompt in training.")
@@ -72,6 +78,7 @@ def train_one(
     length_normalization: bool = True,
     reward_funcs=None,
     callbacks=None,
+    log_z_estimator=None,
 ):
     """Trains one configuration with LoRA on the CPU; `kind` is "powerflow" or "grpo" (TRL's GRPOTrainer).
 
@@ -111,6 +118,7 @@ def train_one(
         config = PowerFlowConfig(
             alpha=alpha,
             length_normalization=length_normalization,
+            log_z_estimator=log_z_estimator or args.log_z_estimator,
             log_z_learning_rate=args.log_z_learning_rate,
             **common,
         )
@@ -212,7 +220,8 @@ def results_dir(name: str) -> Path:
 def training_note(args) -> str:
     """The LoRA and learning-rate settings and the seeds, as every benchmark reports them under its table."""
     return (
-        f"LoRA r={args.lora_r}, lr {args.learning_rate}, log Z lr {args.log_z_learning_rate}. "
+        f"LoRA r={args.lora_r}, lr {args.learning_rate}, log Z estimator {args.log_z_estimator} "
+        f"(learned head's lr {args.log_z_learning_rate}). "
         f"Seeds {', '.join(map(str, args.seeds))}; spread = half the range over seeds."
     )
 

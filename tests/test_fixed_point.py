@@ -30,20 +30,29 @@ def _base_model(tokenizer):
     return make_model(tokenizer, seed=2, hidden_size=32, num_layers=2, initializer_range=0.3)
 
 
-@pytest.mark.parametrize("alpha", [2.0, 0.5])
-@pytest.mark.parametrize("length_normalization", [True, False])
-def test_trainer_reaches_the_exact_fixed_point(tmp_path, alpha, length_normalization):
+def _psi(completion, a_id):
+    """The toy's sequence-level term: −0.5 for a completion that holds the token "a"."""
+    return -0.5 if a_id in completion else 0.0
+
+
+def _train_and_compare(tmp_path, alpha, length_normalization, with_psi=False, **config):
     tokenizer = make_tokenizer(WORDS)
     model = _base_model(tokenizer)
     completions = enumerate_completions(len(tokenizer), tokenizer.eos_token_id, MAX_LENGTH)
     lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+    a_id = tokenizer.convert_tokens_to_ids("a")
+    psi = torch.tensor([_psi(c, a_id) if with_psi else 0.0 for c in completions])
     prompt_ids = {p: tokenizer(p)["input_ids"] for p in PROMPTS}
     targets = {}
     for prompt, ids in prompt_ids.items():
         base_logps = sequence_log_probs(model, ids, completions)
         assert base_logps.exp().sum().item() == pytest.approx(1.0, abs=1e-4)  # the enumeration is complete
-        length_aware, _ = length_aware_target(base_logps, lengths, alpha)
-        targets[prompt] = {True: length_aware, False: trajectory_target(base_logps, alpha)}
+        # ψ sits inside the α bracket: length-aware, p^α e^{α|y|ψ} = e^{α(log p + |y|ψ)}; trajectory, e^{α(log p + ψ)}
+        length_aware, _ = length_aware_target(base_logps + lengths * psi, lengths, alpha)
+        targets[prompt] = {True: length_aware, False: trajectory_target(base_logps + psi, alpha)}
+
+    def reward(completions, completion_ids, **kwargs):
+        return [_psi(ids, a_id) for ids in completion_ids]
 
     args = make_config(
         tmp_path,
@@ -55,9 +64,11 @@ def test_trainer_reaches_the_exact_fixed_point(tmp_path, alpha, length_normaliza
         learning_rate=2e-3,
         max_steps=500,
         logging_steps=100,
+        **config,
     )
     dataset = Dataset.from_dict({"prompt": PROMPTS * 64})
-    trainer = PowerFlowTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    reward_funcs = reward if with_psi else None
+    trainer = PowerFlowTrainer(model, reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
 
     model.eval()
@@ -67,8 +78,24 @@ def test_trainer_reaches_the_exact_fixed_point(tmp_path, alpha, length_normaliza
         other = total_variation(policy, targets[prompt][not length_normalization])
         gap = total_variation(targets[prompt][True], targets[prompt][False])
         print(
-            f"alpha={alpha} length_normalization={length_normalization} {prompt}: TV to own target {own:.4f}, "
-            f"to the other {other:.4f} (targets {gap:.4f} apart)"
+            f"{config} psi={with_psi} alpha={alpha} length_normalization={length_normalization} {prompt}: TV to own "
+            f"target {own:.4f}, to the other {other:.4f} (targets {gap:.4f} apart)"
         )
         assert own <= 0.05
         assert other >= gap / 2 and other >= 2 * own
+
+
+@pytest.mark.parametrize("alpha", [2.0, 0.5])
+@pytest.mark.parametrize("length_normalization", [True, False])
+def test_group_estimate_reaches_the_exact_fixed_point(tmp_path, alpha, length_normalization):
+    _train_and_compare(tmp_path, alpha, length_normalization, log_z_estimator="group")
+
+
+@pytest.mark.parametrize("alpha", [2.0, 0.5])
+def test_learned_log_z_reaches_the_exact_fixed_point(tmp_path, alpha):
+    _train_and_compare(tmp_path, alpha, True, log_z_estimator="learned")
+
+
+def test_group_estimate_with_psi_and_importance_weights_reaches_the_exact_fixed_point(tmp_path):
+    # Each generation is used for two updates: the second one is off-policy, weighted by w ≠ 1
+    _train_and_compare(tmp_path, 2.0, True, with_psi=True, log_z_estimator="group", num_iterations=2)

@@ -97,3 +97,63 @@ def test_importance_weight_is_clipped_and_detached():
     assert out.is_clipped.tolist() == [False, True, True]
     assert not out.importance_weight.requires_grad
     torch.testing.assert_close(out.loss, out.importance_weight * out.residual.square())
+
+
+# The group estimate of log Z (log_z=None)
+
+
+def test_group_estimate_is_the_weighted_group_mean_of_the_targets():
+    # t = α [(1/|y|) log p + ψ] − (1/|y|) log π per row; log Z' = Σ w t / Σ w within each group
+    policy = torch.tensor([[-1.0, -1.0], [-2.0, 0.0], [-0.5, -1.5], [-3.0, 0.0], [-1.0, 0.0]], requires_grad=True)
+    base = torch.tensor([[-1.0, -2.0], [-1.0, 0.0], [-1.0, -1.0], [-2.0, 0.0], [-4.0, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 0], [1, 0]])
+    old = policy.detach() - torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.0], [-0.2, 0.0], [0.0, 0.0]])
+    groups = torch.tensor([7, 7, 3, 3, 9])  # any labels; the last row is alone in its group
+    alpha, psi = 2.0, torch.tensor([0.0, 0.5, 0.0, 0.0, 0.0])
+    out = powerflow_loss(policy, base, mask, None, alpha=alpha, psi=psi, old_logps=old, groups=groups)
+
+    targets = torch.tensor([2.0 * -1.5 + 1.0, 2.0 * (-1.0 + 0.5) + 2.0, 2.0 * -1.0 + 1.0, 2.0 * -2.0 + 3.0, -4.0 * 2 + 1])
+    w = torch.exp(torch.tensor([0.0, 0.1, 0.0, -0.2, 0.0]))
+    first = (w[0] * targets[0] + w[1] * targets[1]) / (w[0] + w[1])
+    second = (w[2] * targets[2] + w[3] * targets[3]) / (w[2] + w[3])
+    expected_log_z = torch.stack([first, first, second, second, targets[4]])
+    torch.testing.assert_close(out.log_z, expected_log_z)
+    torch.testing.assert_close(out.residual, expected_log_z - targets)
+    torch.testing.assert_close(out.importance_weight, w)
+    # weighted residuals sum to zero in every group; a row alone gets r = 0, hence no gradient
+    for rows in ([0, 1], [2, 3]):
+        assert (out.importance_weight[rows] * out.residual[rows]).sum().abs() < 1e-6
+    assert out.residual[4] == 0.0
+    out.loss.sum().backward()
+    assert policy.grad[4].eq(0).all() and policy.grad[:4].abs().sum() > 0
+
+
+def test_group_estimate_gives_the_gradient_of_the_within_group_variance():
+    # Detaching the mean changes nothing: Σ (r_i − r̄)² differentiated through r̄ has the same gradient
+    torch.manual_seed(0)
+    policy = torch.randn(6, 3, requires_grad=True)
+    base, mask = torch.randn(6, 3), torch.ones(6, 3)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    powerflow_loss(policy, base, mask, None, alpha=3.0, groups=groups).loss.sum().backward()
+    estimated = policy.grad.clone()
+
+    policy.grad = None
+    targets = 3.0 * base.mean(-1) - policy.mean(-1)
+    variance = sum((targets[g] - targets[g].mean()).square().sum() for g in (slice(0, 3), slice(3, 6)))
+    variance.backward()
+    torch.testing.assert_close(estimated, policy.grad)
+
+
+def test_group_estimate_ignores_non_finite_rows():
+    # t = 2·(−1) + 1 = −1 and 2·(−2) + 4 = 0 for the finite rows: log Z' = −0.5, the -inf row left out
+    policy = torch.tensor([[-1.0], [-2.0], [-4.0]])
+    base = torch.tensor([[-1.0], [float("-inf")], [-2.0]])
+    out = powerflow_loss(policy, base, torch.ones(3, 1), None, alpha=2.0, groups=torch.zeros(3))
+    assert out.valid.tolist() == [True, False, True]
+    torch.testing.assert_close(out.log_z, torch.tensor([-0.5, 0.0, -0.5]))
+    torch.testing.assert_close(out.residual, torch.tensor([0.5, 0.0, -0.5]))
+
+
+def test_group_estimate_needs_groups():
+    with pytest.raises(ValueError, match="groups"):
+        powerflow_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), None, alpha=2.0)

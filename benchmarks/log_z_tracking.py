@@ -1,0 +1,146 @@
+"""Does log Z track its target on a real run? The group estimate against the learned head, on two prompt sets.
+
+Each run trains PowerFlow (alpha = --alpha, LoRA) for --max_steps steps, logging every step, and records
+`powerflow/residual_mean`, the signed mean residual r (nats per token): on-policy it is log Z' minus the group mean of
+the values that zero the residuals, so |mean| well under 1 means log Z tracks its target, and large and one-signed
+means the loss has turned into plain self-sharpening. Prompt sets (--prompt_sets):
+
+- templated: unlabeled "What is the capital of X? Answer in one word." (one template, one slot)
+- mixed:     the capitals set's four question kinds (capitals, chemical symbols, authors, languages)
+
+Example (the README's table):
+
+    python benchmarks/log_z_tracking.py --max_steps 20
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+PROMPT_SETS = {"templated": ["capital"], "mixed": None}
+ESTIMATORS = ["group", "learned"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_arguments(p)
+    p.add_argument("--prompt_sets", nargs="+", default=list(PROMPT_SETS), choices=list(PROMPT_SETS))
+    p.add_argument("--estimators", nargs="+", default=ESTIMATORS, choices=ESTIMATORS)
+    p.add_argument("--alpha", type=float, default=4.0, help="Power of the target.")
+    p.add_argument("--max_steps", type=int, default=20, help="Training steps of each run.")
+    p.add_argument("--last", type=int, default=5, help="Summarise the last N steps.")
+    p.add_argument("--max_completion_length", type=int, default=12, help="Longest completion.")
+    p.add_argument("--num_train_prompts", type=int, default=40, help="First N training questions of each set.")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="Seeds; >= 2 gives spread.")
+    args = p.parse_args(argv)
+    args.logging_steps = 1
+    args.name = args.name or "log_z_tracking"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.setup_environment(args.threads)
+    started = time.time()
+
+    from trl_powerflow.evaluation import load_model_and_tokenizer
+    from trl_powerflow.models import resolve_model_name_or_path
+    from trl_powerflow.prompt_sets import load_prompt_set
+
+    model_path = resolve_model_name_or_path(args.model)
+    _, tokenizer = load_model_and_tokenizer(model_path)
+    results = {}
+    for seed in args.seeds:
+        for prompt_set, kinds in PROMPT_SETS.items():
+            if prompt_set not in args.prompt_sets:
+                continue
+            train = load_prompt_set("capitals", split="train", kinds=kinds, seed=seed).shuffle(seed=0)
+            train = train.select(range(min(args.num_train_prompts, len(train)))).select_columns(["prompt"])
+            for estimator in args.estimators:
+                row = f"{prompt_set}/{estimator}"
+                print(f"\n=== seed {seed}: {row} ===", flush=True)
+                trainer, seconds = common.train_one(
+                    "powerflow",
+                    model_path,
+                    tokenizer,
+                    train,
+                    args,
+                    args.max_steps,
+                    args.max_completion_length,
+                    seed,
+                    alpha=args.alpha,
+                    log_z_estimator=estimator,
+                )
+                logs = [h for h in trainer.state.log_history if "powerflow/residual_mean" in h]
+                keys = ["residual_mean", "residual_abs", "log_z", "policy_logp", "base_logp", "completion_length"]
+                run = {key: [h[f"powerflow/{key}"] for h in logs] for key in keys}
+                run["entropy"] = [h["entropy"] for h in logs]
+                run["seconds_per_step"] = seconds / args.max_steps
+                results.setdefault(row, []).append(run)
+                del trainer
+                write(args, results, started)
+    write(args, results, started, final=True)
+
+
+def summary(runs, key, last, absolute=False):
+    values = [statistics.fmean(abs(v) if absolute else v for v in run[key][-last:]) for run in runs]
+    return common.fmt(values, digits=2)
+
+
+def write(args, results, started, final=False):
+    headers = [
+        "prompt set / log Z",
+        f"mean abs(residual_mean), last {args.last} steps",
+        "largest abs(residual_mean), same steps",
+        "residual_abs",
+        "log Z'",
+        "entropy",
+        "length",
+        "s/step",
+    ]
+    rows = []
+    for row, runs in results.items():
+        largest = [max(abs(v) for v in run["residual_mean"][-args.last :]) for run in runs]
+        rows.append(
+            [
+                row,
+                summary(runs, "residual_mean", args.last, absolute=True),
+                common.fmt(largest, digits=2),
+                summary(runs, "residual_abs", args.last),
+                summary(runs, "log_z", args.last),
+                summary(runs, "entropy", args.last),
+                summary(runs, "completion_length", args.last),
+                common.fmt([run["seconds_per_step"] for run in runs], digits=1),
+            ]
+        )
+    notes = (
+        f"alpha={args.alpha}, {args.max_steps} steps, {args.prompts_per_step} prompts x {args.num_generations} samples "
+        f"per step, {args.num_train_prompts} training prompts per set. residual_mean is in nats per token; the "
+        "group estimate's is zero by construction on-policy. " + common.training_note(args)
+    )
+    common.write_results(args, common.markdown_table(headers, rows), results, notes, started, _plot, final)
+
+
+def _plot(args, results):
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row, runs in results.items():
+        for i, run in enumerate(runs):
+            ax.plot(range(1, len(run["residual_mean"]) + 1), run["residual_mean"], label=row if i == 0 else None)
+    ax.axhline(0.0, color="gray", lw=0.5)
+    ax.set(xlabel="step", ylabel="residual_mean (nats/token)", title=f"log Z tracking, alpha={args.alpha}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(common.results_dir(args.name) / "residual_mean.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
