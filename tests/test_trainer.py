@@ -314,12 +314,14 @@ def test_alpha_one_is_a_fixed_point_at_init(tmp_path, tokenizer, estimator, log_
 # 7. Gradient accumulation
 
 
+@pytest.mark.parametrize("with_invalid_row", [False, True])
 @pytest.mark.parametrize("estimator", ["group", "learned"])
-def test_gradient_accumulation_matches_one_big_batch(tmp_path, tokenizer, estimator):
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tokenizer, estimator, with_invalid_row):
     # Same 8 completions (generation batch 8 either way), split into 2 micro-batches of 4 or kept as one batch of 8:
     # the accumulated gradients and the logged loss must agree (TRL expects the loss already divided by GA). With the
     # group estimate, 2 prompts x 4 samples: each micro-batch must hold one whole group (TRL's sample-wise shuffle
-    # would split them).
+    # would split them). A sequence left out of the loss (a -inf base log-prob) must not make the other sequences of
+    # its micro-batch weigh more than those of the other one.
     runs = {}
     for ga, batch in ((1, 8), (2, 4)):
         trainer = _trainer(
@@ -338,8 +340,18 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tokenizer, estima
         recorder = _GradientRecorder(trainer)
         trainer.add_callback(recorder)
         outputs = _spy_generation(trainer)
+        if with_invalid_row:
+            generate = trainer._generate_and_score_completions
+
+            def corrupted(inputs, generate=generate):
+                output = generate(inputs)
+                output["ref_per_token_logps"][0, 0] = float("-inf")
+                return output
+
+            trainer._generate_and_score_completions = corrupted
         trainer.train()
         runs[ga] = (_logs(trainer)[0], recorder.steps[0], outputs[0]["completion_ids"])
+        assert (_logs(trainer)[0]["powerflow/non_finite_sequences"] > 0) == with_invalid_row
 
     (log1, grads1, completions1), (log2, grads2, completions2) = runs[1], runs[2]
     assert torch.equal(completions1, completions2)  # the comparison is on the same samples
@@ -508,3 +520,84 @@ def test_reward_returning_none_is_named(tmp_path, tokenizer):
     )
     with pytest.raises(ValueError, match="'flaky_reward' returned None"):
         trainer.train()
+
+
+# 10. log Z tracks its target
+
+
+def test_residual_metrics_have_exact_values(tmp_path, tokenizer):
+    from trl_powerflow import powerflow_loss
+
+    trainer = _trainer(tmp_path, tokenizer, log_z_estimator="learned")
+    policy = torch.tensor([[-1.0, -1.0], [-2.0, 0.0], [-1.0, -1.0]])
+    base = torch.tensor([[-1.0, -1.0], [-0.5, 0.0], [-1.0, -1.0]])
+    mask = torch.tensor([[1, 1], [1, 0], [0, 0]])  # the last row has no token: left out
+    out = powerflow_loss(policy, base, mask, torch.tensor([1.0, -2.0, 5.0]), alpha=2.0)
+    trainer._log_metrics(out, torch.zeros(3, 2), mask, "train")
+
+    # t = 2·(1/|y|) log p − (1/|y|) log π: −1 and 1; r = log Z' − t: 2 and −3
+    metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    assert metrics["powerflow/residual_mean"] == pytest.approx(-0.5)
+    assert metrics["powerflow/residual_abs"] == pytest.approx(2.5)
+    assert metrics["powerflow/residual_sq"] == pytest.approx(6.5)
+    assert metrics["powerflow/log_z"] == pytest.approx(-0.5)
+    assert metrics["powerflow/policy_logp"] == pytest.approx(-1.5)  # per token: (−1 − 2) / 2
+    assert metrics["powerflow/base_logp"] == pytest.approx(-0.75)
+    assert metrics["powerflow/non_finite_sequences"] == 0.0
+
+
+@pytest.mark.parametrize("estimator", ["group", "learned"])
+def test_a_head_started_far_from_its_target_lags_where_the_group_estimate_does_not(tmp_path, tokenizer, estimator):
+    # α = 4 and log Z' started at 0 where its target, (α − 1)·base log-prob per token, is several nats below: a
+    # learned head moves about its learning rate per step (Adam) and keeps the residual one-signed
+    from trl_powerflow import CollapseGuardCallback
+
+    guard = CollapseGuardCallback(max_abs_residual_mean=1.0, patience=2, stop=True)
+    trainer = _trainer(
+        tmp_path, tokenizer, alpha=4.0, max_steps=6, log_z_estimator=estimator, log_z_init="zero", learning_rate=1e-3
+    )
+    trainer.add_callback(guard)
+    trainer.train()
+    residual_means = [entry["powerflow/residual_mean"] for entry in _logs(trainer)]
+    if estimator == "group":
+        assert all(abs(r) < 1e-5 for r in residual_means)
+        assert guard.stopped_because is None and trainer.state.global_step == 6
+    else:
+        assert residual_means[0] > 3.0
+        assert guard.stopped_because.startswith("log Z lags its target") and trainer.state.global_step < 6
+
+
+def test_log_z_head_keeps_a_constant_learning_rate_outside_gradient_clipping(tmp_path, tokenizer):
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.steps = []
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            bias = trainer.log_z.bias
+            self.steps.append({"bias": bias.item(), "grad": bias.grad.item(), "lrs": [g["lr"] for g in optimizer.param_groups]})
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            self.steps[-1]["bias_after"] = trainer.log_z.bias.item()
+
+    trainer = _trainer(
+        tmp_path,
+        tokenizer,
+        log_z_estimator="learned",
+        log_z_learning_rate=0.05,
+        log_z_init="zero",  # far from its target: a large gradient
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+        max_steps=4,
+        optim="sgd",
+        max_grad_norm=1e-6,  # clips the policy's gradient to nothing; the head's must stay whole
+    )
+    recorder = Recorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+    policy_lrs = [step["lrs"][0] for step in recorder.steps]
+    assert policy_lrs[0] == 0.0 and len(set(policy_lrs)) > 2  # the policy warms up and decays...
+    assert all(step["lrs"][-1] == 0.05 for step in recorder.steps)  # ...the head does not
+    for step in recorder.steps:
+        assert abs(step["grad"]) > 1e-3
+        assert step["bias_after"] == pytest.approx(step["bias"] - 0.05 * step["grad"], rel=1e-6)

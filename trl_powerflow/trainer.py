@@ -171,6 +171,12 @@ class PowerFlowTrainer(GRPOTrainer):
         if self._step % generate_every == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score_completions(generation_batch)
             batch = shuffle_groups(batch, prompt_groups(batch["prompt_ids"], batch["prompt_mask"]))
+            # The loss of an optimizer step is a mean over all of its sequences, as one big batch would take it, not a
+            # mean of per-micro-batch means: count the scoreable sequences of a step's worth of micro-batches
+            mask, base_logps = batch["completion_mask"], batch["ref_per_token_logps"]
+            scoreable = (mask.sum(1) > 0) & torch.isfinite(torch.where(mask.bool(), base_logps, 0.0).sum(1))
+            steps = self.args.steps_per_generation / self.args.gradient_accumulation_steps
+            batch["sequences_in_step"] = scoreable.sum() / steps
             self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
@@ -246,9 +252,10 @@ class PowerFlowTrainer(GRPOTrainer):
         else:
             out = objective(log_z=self._learned_log_z(objective, model, prompt_ids, prompt_mask, mode))
 
-        loss = out.loss.sum() / out.valid.sum().clamp(min=1)
-        if mode == "train":
-            loss = loss / self.current_gradient_accumulation_steps  # TRL expects the loss already scaled for GA
+        if mode == "train":  # a mean over the step's sequences (TRL expects the loss already scaled for GA)
+            loss = out.loss.sum() / inputs["sequences_in_step"].clamp(min=1)
+        else:
+            loss = out.loss.sum() / out.valid.sum().clamp(min=1)
         self._log_metrics(out, entropies, mask, mode)
         return loss
 
