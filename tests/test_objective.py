@@ -157,3 +157,11 @@ def test_group_estimate_ignores_non_finite_rows():
 def test_group_estimate_needs_groups():
     with pytest.raises(ValueError, match="groups"):
         powerflow_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), None, alpha=2.0)
+
+
+def test_logged_log_probs_are_per_token_in_both_modes():
+    policy, base, mask = _inputs([[-1.0, -3.0, 0.0]], [[-2.0, -2.0, 0.0]], [[1, 1, 0]])
+    for length_normalization in (True, False):
+        out = powerflow_loss(policy, base, mask, torch.zeros(1), alpha=2.0, length_normalization=length_normalization)
+        torch.testing.assert_close(out.policy_logps, torch.tensor([-2.0]))
+        torch.testing.assert_close(out.base_logps, torch.tensor([-2.0]))

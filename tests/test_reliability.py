@@ -1,5 +1,6 @@
 """Long unattended runs: resume that matches, crashes that lose nothing, non-finite values, collapse guards."""
 
+import math
 import os
 
 import pytest
@@ -180,3 +181,55 @@ def test_atomic_path_keeps_the_old_file_on_error(tmp_path):
         with open(tmp, "w") as f:
             f.write("new")
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_a_first_batch_without_a_finite_residual_does_not_start_log_z(tmp_path, tokenizer):
+    trainer = _trainer(tmp_path, tokenizer, max_steps=3, log_z_estimator="learned")
+    generate, calls = trainer._generate_and_score_completions, []
+
+    def first_batch_nan(inputs):
+        output = generate(inputs)
+        calls.append(1)
+        if len(calls) == 1:
+            output["ref_per_token_logps"].fill_(float("nan"))
+        return output
+
+    trainer._generate_and_score_completions = first_batch_nan
+    started = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            started.append((bool(trainer.log_z.initialized), trainer.log_z.bias.item()))
+
+    trainer.add_callback(Probe())
+    trainer.train()
+    assert not started[0][0]  # nothing to fit at step 1: the head waits
+    assert started[1][0] and all(math.isfinite(bias) for _, bias in started)
+    assert started[1][1] < -0.5  # fitted to the second batch: (α − 1) × a negative mean base log-prob
+
+
+def test_evaluation_batches_leave_the_non_finite_batch_counter_alone(tmp_path, tokenizer):
+    from trl_powerflow import powerflow_loss
+
+    trainer = _trainer(tmp_path, tokenizer)
+    nan = torch.full((2, 2), float("nan"))
+    out = powerflow_loss(nan, nan, torch.ones(2, 2), torch.zeros(2), alpha=2.0)
+    assert not out.valid.any()
+    trainer._non_finite_batches = 3
+    trainer._log_metrics(out, torch.zeros(2, 2), torch.ones(2, 2), "eval")
+    assert trainer._non_finite_batches == 3
+    trainer._log_metrics(out, torch.zeros(2, 2), torch.ones(2, 2), "train")
+    assert trainer._non_finite_batches == 4
+    finite = powerflow_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.ones(2, 2), torch.zeros(2), alpha=2.0)
+    trainer._log_metrics(finite, torch.zeros(2, 2), torch.ones(2, 2), "eval")
+    assert trainer._non_finite_batches == 4
+
+
+def test_no_repeated_ngram_rate_is_logged_when_no_completion_can_hold_a_3_gram(tmp_path, tokenizer):
+    short = _trainer(tmp_path / "short", tokenizer, max_steps=2, max_completion_length=2)
+    short.train()
+    assert not any("powerflow/repeated_ngram_rate" in log for log in short.state.log_history)
+    longer = _trainer(tmp_path / "long", tokenizer, max_steps=2, max_completion_length=4, learning_rate=0.0)
+    longer.train()
+    rates = [log["powerflow/repeated_ngram_rate"] for log in longer.state.log_history if "loss" in log]
+    assert len(rates) == 2 and all(0.0 <= r <= 1.0 for r in rates)
