@@ -119,7 +119,7 @@ def parse_args(argv=None):
     if args.warmup is None:
         args.warmup = 2 if tiny else 1
     if args.num_iterations_sweep:
-        args.trainers = "powerflow-ni1,powerflow-ni2,powerflow-ni2-reuse"
+        args.trainers = "powerflow-ni1,powerflow-ni2,powerflow-ni2-trl-old"
         # steps alternate between generating and reusing: measure whole cycles
         args.warmup += args.warmup % 2
         args.rounds += args.rounds % 2
@@ -287,45 +287,15 @@ class TimedPowerFlowTrainer(TimedMixin, PowerFlowTrainer):
     pass
 
 
-class ReuseOldLogpsMixin:
-    """
-    Experiment, benchmark only (`powerflow-ni2-reuse`): with num_iterations > 1, TRL computes the old policy's
-    log-probs with an extra no-grad forward at generation time. When `steps_per_generation` equals the gradient
-    accumulation steps (the default) the first pass over a generation batch runs before any optimizer step, so the
-    policy log-probs of that pass are the old ones: skip TRL's forward and keep them for the later passes.
-    """
+class TRLOldLogpsMixin:
+    """`powerflow-ni2-trl-old`: with num_iterations > 1, the old policy's log-probs from TRL's extra no-grad forward
+    (the path before the trainer reused its first pass's), for comparison."""
 
-    def _reuse_applies(self):
-        return (
-            self.num_iterations > 1
-            and self.args.steps_per_generation == self.args.gradient_accumulation_steps
-            and not self.use_vllm
-        )
-
-    def _generate_and_score_completions(self, inputs):
-        if not self._reuse_applies():
-            return super()._generate_and_score_completions(inputs)
-        num_iterations, self.num_iterations = self.num_iterations, 1  # TRL reads it only to decide the old forward
-        try:
-            return super()._generate_and_score_completions(inputs)
-        finally:
-            self.num_iterations = num_iterations
-
-    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-        out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
-        if torch.is_grad_enabled():
-            self._last_policy_logps = out[0]
-        return out
-
-    def _compute_loss(self, model, inputs):
-        first_pass = self.model.training and self._reuse_applies() and "old_per_token_logps" not in inputs
-        loss = super()._compute_loss(model, inputs)
-        if first_pass:  # `inputs` is TRL's buffered micro-batch: the later passes see these
-            inputs["old_per_token_logps"] = self._last_policy_logps.detach()
-        return loss
+    def _reuses_first_pass(self):
+        return False
 
 
-class TimedReusePowerFlowTrainer(TimedMixin, ReuseOldLogpsMixin, PowerFlowTrainer):
+class TimedTRLOldLogpsPowerFlowTrainer(TimedMixin, TRLOldLogpsMixin, PowerFlowTrainer):
     pass
 
 
@@ -585,9 +555,9 @@ def build_trainer(spec, args, path, tokenizer, dataset, root, device):
 
     name = spec
     num_iterations = args.num_iterations
-    reuse = spec.endswith("-reuse")
+    trl_old = spec.endswith("-trl-old")
     if spec.startswith("powerflow-ni"):
-        num_iterations = int(spec[len("powerflow-ni") :].removesuffix("-reuse"))
+        num_iterations = int(spec[len("powerflow-ni") :].removesuffix("-trl-old"))
         spec = "powerflow"
     extra_steps = 1 if args.profile else 0
     common = dict(
@@ -618,7 +588,7 @@ def build_trainer(spec, args, path, tokenizer, dataset, root, device):
         )
     kwargs = dict(train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
     if spec == "powerflow":
-        cls = TimedReusePowerFlowTrainer if reuse else TimedPowerFlowTrainer
+        cls = TimedTRLOldLogpsPowerFlowTrainer if trl_old else TimedPowerFlowTrainer
         trainer = cls(path, args=PowerFlowConfig(**common), **kwargs)
     elif spec in ("grpo-beta", "grpo-nobeta"):
         beta = args.beta if spec == "grpo-beta" else 0.0
@@ -853,7 +823,7 @@ def label(spec, args):
         "powerflow": "PowerFlow",
         "powerflow-ni1": "PowerFlow ni=1",
         "powerflow-ni2": "PowerFlow ni=2",
-        "powerflow-ni2-reuse": "PowerFlow ni=2, old log-probs from pass 1 (experiment)",
+        "powerflow-ni2-trl-old": "PowerFlow ni=2, old log-probs from TRL's extra forward",
         "grpo-beta": f"GRPO beta={args.beta}",
         "grpo-nobeta": "GRPO beta=0",
     }.get(spec, spec)

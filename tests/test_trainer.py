@@ -601,3 +601,36 @@ def test_log_z_head_keeps_a_constant_learning_rate_outside_gradient_clipping(tmp
     for step in recorder.steps:
         assert abs(step["grad"]) > 1e-3
         assert step["bias_after"] == pytest.approx(step["bias"] - 0.05 * step["grad"], rel=1e-6)
+
+
+# 11. num_iterations > 1 without the old policy's extra forward
+
+
+def test_later_passes_reuse_the_first_passs_log_probs(tmp_path, tokenizer):
+    # The first pass over a generation batch runs before any optimizer step, so its policy log-probs are the sampling
+    # policy's: TRL's extra no-grad forward gives the same numbers, and the run must not change
+    runs = {}
+    for reuse in (True, False):
+        trainer = _trainer(tmp_path / str(reuse), tokenizer, num_iterations=2, max_steps=4, learning_rate=1e-2)
+        if not reuse:
+            trainer._reuses_first_pass = lambda: False
+        forwards, original = [], trainer._get_per_token_logps_and_entropies
+
+        def counted(model, *args, original=original, forwards=forwards, **kwargs):
+            forwards.append(torch.is_grad_enabled())
+            return original(model, *args, **kwargs)
+
+        trainer._get_per_token_logps_and_entropies = counted
+        trainer.train()
+        runs[reuse] = (trainer, forwards)
+
+    (reused, reused_forwards), (plain, plain_forwards) = runs[True], runs[False]
+    # 2 generations x (1 base pass + [1 old-policy pass]) without gradients, 4 passes with them
+    assert plain_forwards.count(False) == 4 and reused_forwards.count(False) == 2
+    assert plain_forwards.count(True) == reused_forwards.count(True) == 4
+    for a, b in zip(_logs(plain), _logs(reused), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["powerflow/clip_frac"] == a["powerflow/clip_frac"]
+    assert any(log["loss"] > 0 for log in _logs(plain))
+    for (name, p), q in zip(plain.model.named_parameters(), reused.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)

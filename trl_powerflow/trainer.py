@@ -96,7 +96,7 @@ class PowerFlowTrainer(GRPOTrainer):
         # them, as the base log-probs of its target; beta is a switch here, never a coefficient (no KL term).
         # GRPO refuses to start without a reward source; PowerFlow needs none, so hand it a placeholder and drop it
         unsupervised = not reward_funcs and kwargs.get("environment_factory") is None
-        with _beta_set_to(args, 0.0 if in_memory_base is not None else 1.0):
+        with _attribute_set_to(args, "beta", 0.0 if in_memory_base is not None else 1.0):
             super().__init__(model, [_no_reward] if unsupervised else reward_funcs, args=args, **kwargs)
         self.beta = 1.0
         if unsupervised:
@@ -197,8 +197,24 @@ class PowerFlowTrainer(GRPOTrainer):
         self._rewards_per_func = rewards_per_func
         return rewards_per_func
 
+    def _reuses_first_pass(self) -> bool:
+        """
+        With `num_iterations > 1`, TRL scores the samples once more (a no-grad forward) for the sampling policy's
+        log-probs. When a generation batch is exactly one optimizer step, its first optimisation pass runs that very
+        policy: `_compute_loss` keeps that pass's detached log-probs for the later passes instead. vLLM samples from
+        another engine, whose log-probs TRL needs at generation time.
+        """
+        return (
+            self.num_iterations > 1
+            and self.args.steps_per_generation == self.args.gradient_accumulation_steps
+            and not self.use_vllm
+        )
+
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+        # TRL reads `num_iterations` here only to decide whether to run the old policy's forward
+        reuse = self.model.training and self._reuses_first_pass()
+        with _attribute_set_to(self, "num_iterations", 1) if reuse else contextlib.nullcontext():
+            output = super()._generate_and_score_completions(inputs)
         if self.reward_funcs:
             # GRPO turns the rewards into advantages, which PowerFlow does not use: keep their weighted sum ψ(y)
             rewards_per_func = self._rewards_per_func
@@ -252,6 +268,8 @@ class PowerFlowTrainer(GRPOTrainer):
         else:
             out = objective(log_z=self._learned_log_z(objective, model, prompt_ids, prompt_mask, mode))
 
+        if mode == "train" and "old_per_token_logps" not in inputs and self._reuses_first_pass():
+            inputs["old_per_token_logps"] = policy_logps.detach()  # the buffered micro-batch: later passes see them
         if mode == "train":  # a mean over the step's sequences (TRL expects the loss already scaled for GA)
             loss = out.loss.sum() / inputs["sequences_in_step"].clamp(min=1)
         else:
@@ -408,13 +426,13 @@ def _no_reward(completions, **kwargs):
 
 
 @contextlib.contextmanager
-def _beta_set_to(args, value):
-    beta = args.beta
-    args.beta = value
+def _attribute_set_to(obj, name, value):
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
     try:
         yield
     finally:
-        args.beta = beta
+        setattr(obj, name, saved)
 
 
 def _check_dataset(dataset, processing_class):
