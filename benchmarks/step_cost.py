@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--num-iterations-sweep",
         action="store_true",
-        help="PowerFlow with num_iterations=1 against 2, and 2 without TRL's old-policy forward (experiment)",
+        help="PowerFlow with num_iterations=1 against 2, and 2 with TRL's old-policy forward (the path before reuse)",
     )
     p.add_argument("--beta", type=float, default=0.04, help="beta of grpo-beta")
     p.add_argument("--max_completion_length", type=int, default=None, help="default: tiny 16, smollm2 16")

@@ -23,27 +23,40 @@ def test_trl_version_is_the_tested_one():
     assert Version("1.16") <= Version(trl.__version__) < Version("1.17")
 
 
+# Every GRPOTrainer / Trainer method PowerFlowTrainer overrides or calls, with the parameters it relies on
+PINNED = {
+    "_generate_and_score_completions": ["self", "inputs"],
+    "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
+    "_compute_loss": ["self", "model", "inputs"],
+    "_get_per_token_logps_and_entropies": ["self", "model", "input_ids", "attention_mask", "logits_to_keep"],
+    "_prepare_inputs": ["self", "generation_batch"],
+    "_load_optimizer_and_scheduler": ["self", "checkpoint"],
+    "create_optimizer": ["self", "model"],
+    "create_scheduler": ["self", "num_training_steps", "optimizer"],
+    "save_model": ["self", "output_dir", "_internal_call"],
+    "log": ["self", "logs", "start_time"],
+    "train": ["self", "resume_from_checkpoint", "trial"],
+}
+
+
 def test_overridden_methods_keep_their_signatures():
-    assert _parameters(GRPOTrainer._generate_and_score_completions) == ["self", "inputs"]
-    assert _parameters(GRPOTrainer._calculate_rewards) == [
-        "self",
-        "inputs",
-        "prompts",
-        "completions",
-        "completion_ids_list",
-    ]
-    assert _parameters(GRPOTrainer._compute_loss) == ["self", "model", "inputs"]
-    assert _parameters(GRPOTrainer._get_per_token_logps_and_entropies)[:5] == [
-        "self",
-        "model",
-        "input_ids",
-        "attention_mask",
-        "logits_to_keep",
-    ]
+    for name, expected in PINNED.items():
+        assert _parameters(getattr(GRPOTrainer, name))[: len(expected)] == expected, name
+        assert name in PowerFlowTrainer.__dict__ or name == "_get_per_token_logps_and_entropies", name
     assert "compute_entropy" in _parameters(GRPOTrainer._get_per_token_logps_and_entropies)
-    assert _parameters(GRPOTrainer._save)[:3] == ["self", "output_dir", "state_dict"]
-    assert _parameters(GRPOTrainer._load_from_checkpoint)[:3] == ["self", "resume_from_checkpoint", "model"]
     assert GRPOTrainer.loss_is_scaled_for_ga is True
+
+
+def test_the_trl_code_our_overrides_mirror_is_unchanged():
+    # `_prepare_inputs` repeats GRPO's training branch with a group-wise shuffle in place of this one
+    prepare = inspect.getsource(GRPOTrainer._prepare_inputs)
+    assert "generation_batch = shuffle_sequence_dict(generation_batch)" in prepare
+    assert "split_tensor_dict(generation_batch, self.args.steps_per_generation)" in prepare
+    assert "self._buffered_inputs[self._step % self.args.steps_per_generation]" in prepare
+    # `_generate_and_score_completions` reads num_iterations only to decide on the old policy's extra forward
+    generate = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    assert generate.count("self.num_iterations") == 1
+    assert "generate_every = self.args.steps_per_generation * self.num_iterations" in generate
 
 
 def test_generation_batch_carries_what_the_objective_reads(tmp_path, tokenizer):
@@ -55,7 +68,11 @@ def test_generation_batch_carries_what_the_objective_reads(tmp_path, tokenizer):
     assert num_samples == 4
     for key in ["prompt_ids", "prompt_mask", "completion_mask"]:
         assert key in batch
-    # The base log-probs (TRL's reference log-probs) and, with num_iterations > 1, the sampling policy's
+    # The base log-probs (TRL's reference log-probs); with num_iterations > 1, the sampling policy's come from the
+    # first optimisation pass, not from TRL's extra forward
     assert batch["ref_per_token_logps"].shape == (num_samples, length)
-    assert batch["old_per_token_logps"].shape == (num_samples, length)
     assert torch.isfinite(batch["ref_per_token_logps"][batch["completion_mask"].bool()]).all()
+    assert batch.get("old_per_token_logps") is None
+    trainer._reuses_first_pass = lambda: False
+    batch = trainer._generate_and_score_completions([{"prompt": "p0"}] * 2 + [{"prompt": "p1"}] * 2)
+    assert batch["old_per_token_logps"].shape == batch["ref_per_token_logps"].shape
