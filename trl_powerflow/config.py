@@ -44,6 +44,10 @@ class PowerFlowConfig(GRPOConfig):
         log_z_init (`str`, *optional*, defaults to `"first_batch"`):
             Learned head only. `"first_batch"`: fit log Z'(x) to the values that zero the residuals of the first batch (at the start the
             residual is dominated by `(1 - alpha) * mean base log-prob`, many nats). `"zero"`: start at 0.
+        prefix_sharing (`bool`, *optional*, defaults to `True`):
+            Compute each prompt once for all of its samples in a batch, in the base model's pass and in the policy's
+            (with gradients); the log-probabilities and gradients are those of the unshared pass. `False` runs GRPO's
+            pass, which repeats the prompt for every sample (for comparisons).
         epsilon (`float`, *optional*, defaults to `0.2`):
             Lower clipping bound of the sequence-level importance weight: `w >= 1 - epsilon`.
         epsilon_high (`float`, *optional*, defaults to `0.28`):
@@ -100,6 +104,13 @@ class PowerFlowConfig(GRPOConfig):
             "help": "Start of log Z': 'first_batch' (fitted to the values that zero the first batch's residuals) or "
             "'zero'.",
             "choices": ["first_batch", "zero"],
+        },
+    )
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute each prompt once for all of its samples in the base and policy passes (same log-probs "
+            "and gradients). False repeats the prompt for every sample, as GRPO does."
         },
     )
     epsilon: float = field(

@@ -23,6 +23,7 @@ from .config import PowerFlowConfig
 from .groups import prompt_groups, shuffle_groups
 from .log_z import LOG_Z_FILE, LogZ
 from .objective import powerflow_loss
+from .prefix_sharing import shared_prefix_logps
 
 
 logger = logging.get_logger(__name__)
@@ -233,6 +234,34 @@ class PowerFlowTrainer(GRPOTrainer):
         if totals[1] > 0:  # no completion long enough to hold a repeated n-gram: nothing to report
             self._metrics[mode]["powerflow/repeated_ngram_rate"].append((totals[0] / totals[1]).item())
         return output
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs
+    ):
+        # Every pass (the base model's, the policy's) comes through here: with prefix sharing, each chunk of rows
+        # computes each of its prompts once (see `prefix_sharing.py`)
+        uses_more_inputs = any(value is not None and value is not False for value in kwargs.values())
+        if not self.args.prefix_sharing or uses_more_inputs:
+            if self.args.prefix_sharing:
+                logger.warning_once(f"Prefix sharing is off for passes with {sorted(kwargs)}: GRPO's pass is used.")
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
+            )
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+            with self.accelerator.autocast():
+                out = shared_prefix_logps(
+                    model, self.accelerator.unwrap_model(model), ids, mask, logits_to_keep, compute_entropy
+                )
+            if out is None:  # every prompt of the chunk is distinct: nothing to share
+                out = super()._get_per_token_logps_and_entropies(
+                    model, ids, mask, logits_to_keep, compute_entropy=compute_entropy
+                )[:2]
+            logps.append(out[0])
+            entropies.append(out[1])
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
     def _prompt_embeddings(self, model, prompt_ids, prompt_mask):
         """Mean input embedding of each prompt, detached: the input of the prompt-conditioned log Z head."""

@@ -1,0 +1,179 @@
+"""
+Prefix sharing computes each prompt once per group and must change nothing: per-token log-probs, entropies and every
+parameter gradient agree with the unshared pass (TRL's), on left-padded prompts of different lengths, across
+architectures, with LoRA or full fine-tuning, with gradient checkpointing on or off.
+"""
+
+import pytest
+import torch
+import transformers
+from conftest import make_config, make_tokenizer
+from datasets import Dataset
+from peft import LoraConfig
+
+from trl_powerflow import PowerFlowTrainer
+from trl_powerflow.prefix_sharing import shared_prefix_logps
+
+
+def _config(name, vocab_size):
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    if name == "gemma3":  # one sliding-window layer, narrower than the sequences, and one global layer
+        return transformers.Gemma3TextConfig(
+            **common, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"]
+        )
+    if name == "gpt_neox":
+        common = {k: v for k, v in common.items() if k not in ("num_key_value_heads",)}
+        return transformers.GPTNeoXConfig(**common)
+    classes = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "mistral": transformers.MistralConfig,
+        "phi3": transformers.Phi3Config,
+    }
+    return classes[name](**common)
+
+
+ARCHITECTURES = ["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3", "gpt_neox"]
+
+
+def _batch(vocab_size, seed=0):
+    """Three prompts of lengths 2, 4 and 6 (left-padded), 3 + 2 + 3 samples with completions of different lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = torch.zeros(3, 6, dtype=torch.long)
+    for row, length in enumerate((2, 4, 6)):
+        prompts[row, 6 - length :] = torch.randint(2, vocab_size, (length,), generator=generator)
+    rows = torch.tensor([0, 1, 2, 0, 2, 1, 0, 2])
+    completions = torch.randint(2, vocab_size, (8, 5), generator=generator)
+    completion_mask = torch.ones(8, 5, dtype=torch.long)
+    completion_mask[0, 3:] = 0
+    completion_mask[4, 1:] = 0
+    completions[completion_mask == 0] = 0
+    input_ids = torch.cat([prompts[rows], completions], dim=1)
+    attention_mask = torch.cat([(prompts[rows] != 0).long(), completion_mask], dim=1)
+    return input_ids, attention_mask, completion_mask
+
+
+def _trainer(tmp_path, name, lora, gradient_checkpointing):
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config(name, len(tokenizer)))
+    args = make_config(
+        tmp_path,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
+    dataset = Dataset.from_dict({"prompt": ["p0", "p1"] * 4})
+    return PowerFlowTrainer(
+        model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    )
+
+
+def _logps_and_grads(trainer, compute, input_ids, attention_mask, completion_mask):
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    logps, entropies = compute(model, input_ids, attention_mask)
+    # A loss that weighs each position differently, so that a gradient summed in the wrong place shows
+    weights = torch.linspace(0.5, 1.5, logps.numel()).view_as(logps)
+    ((logps * weights + entropies) * completion_mask).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logps.detach(), entropies.detach(), grads
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("lora,gradient_checkpointing", [(False, False), (True, True)])
+def test_shared_prefix_matches_the_unshared_pass(tmp_path, name, lora, gradient_checkpointing):
+    trainer = _trainer(tmp_path, name, lora, gradient_checkpointing)
+    trainer.model.train()
+    if gradient_checkpointing:  # the Trainer turns it on when training starts
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    modules = [m for m in trainer.model.modules() if hasattr(m, "gradient_checkpointing")]
+    assert any(m.gradient_checkpointing for m in modules) == gradient_checkpointing
+    input_ids, attention_mask, completion_mask = _batch(trainer.model.config.vocab_size)
+    length = completion_mask.size(1)
+
+    def unshared(model, ids, mask):
+        logps, entropies, _ = PowerFlowTrainer.__mro__[1]._get_per_token_logps_and_entropies(
+            trainer, model, ids, mask, length, compute_entropy=True
+        )
+        return logps, entropies
+
+    def shared(model, ids, mask):
+        return shared_prefix_logps(model, model, ids, mask, length, compute_entropy=True)
+
+    expected = _logps_and_grads(trainer, unshared, input_ids, attention_mask, completion_mask)
+    actual = _logps_and_grads(trainer, shared, input_ids, attention_mask, completion_mask)
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(actual[1], expected[1], rtol=1e-5, atol=1e-5)
+    assert expected[2] and actual[2].keys() == expected[2].keys()
+    assert sum(g.abs().sum() for g in expected[2].values()) > 0
+    for n, g in expected[2].items():  # 1e-5 relative to the largest entry: summation order differs
+        assert (actual[2][n] - g).abs().max() <= 1e-5 * g.abs().max(), n
+
+
+def test_nothing_to_share_when_every_prompt_is_distinct(tmp_path):
+    trainer = _trainer(tmp_path, "llama", lora=False, gradient_checkpointing=False)
+    input_ids, attention_mask, completion_mask = _batch(trainer.model.config.vocab_size)
+    distinct = torch.tensor([0, 1, 2])
+    assert shared_prefix_logps(trainer.model, trainer.model, input_ids[distinct], attention_mask[distinct], 5) is None
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_training_with_and_without_sharing_is_the_same_run(tmp_path, monkeypatch, gradient_checkpointing):
+    # LoRA, 2 prompts of different lengths x 4 samples, gradient accumulation over 2 micro-batches, 2 steps
+    import trl_powerflow.trainer
+
+    shared_passes = []
+
+    def counted(*args, **kwargs):
+        out = shared_prefix_logps(*args, **kwargs)
+        shared_passes.append(out is not None)
+        return out
+
+    monkeypatch.setattr(trl_powerflow.trainer, "shared_prefix_logps", counted)
+    tokenizer = make_tokenizer()
+    runs = {}
+    for sharing in (True, False):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(_config("qwen2", len(tokenizer)))
+        args = make_config(
+            tmp_path / str(sharing),
+            prefix_sharing=sharing,
+            per_device_train_batch_size=4,
+            num_generations=4,
+            gradient_accumulation_steps=2,
+            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            max_completion_length=4,
+            max_steps=2,
+            optim="sgd",  # Adam would turn rounding-level gradients (LoRA A, while B = 0) into full steps
+        )
+        trainer = PowerFlowTrainer(
+            model,
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": ["p0 a b c", "p1"]}),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+        )
+        trainer.train()
+        runs[sharing] = trainer
+    shared, unshared = runs[True], runs[False]
+    # per step: the base pass over 2 chunks of one group each, then 2 policy micro-batches of one group each
+    assert shared_passes == [True] * 8
+    losses = [[log["loss"] for log in run.state.log_history if "loss" in log] for run in (shared, unshared)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and max(losses[1]) > 0
+    for (name, p), q in zip(unshared.model.named_parameters(), shared.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
