@@ -35,14 +35,14 @@ def _psi(completion, a_id):
     return -0.5 if a_id in completion else 0.0
 
 
-def _train_and_compare(tmp_path, alpha, length_normalization, with_psi=False, **config):
+def _train_and_compare(tmp_path, alpha, length_normalization, with_psi=False, prompts=PROMPTS, **config):
     tokenizer = make_tokenizer(WORDS)
     model = _base_model(tokenizer)
     completions = enumerate_completions(len(tokenizer), tokenizer.eos_token_id, MAX_LENGTH)
     lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
     a_id = tokenizer.convert_tokens_to_ids("a")
     psi = torch.tensor([_psi(c, a_id) if with_psi else 0.0 for c in completions])
-    prompt_ids = {p: tokenizer(p)["input_ids"] for p in PROMPTS}
+    prompt_ids = {p: tokenizer(p)["input_ids"] for p in prompts}
     targets = {}
     for prompt, ids in prompt_ids.items():
         base_logps = sequence_log_probs(model, ids, completions)
@@ -66,7 +66,7 @@ def _train_and_compare(tmp_path, alpha, length_normalization, with_psi=False, **
         logging_steps=100,
         **config,
     )
-    dataset = Dataset.from_dict({"prompt": PROMPTS * 64})
+    dataset = Dataset.from_dict({"prompt": prompts * 64})
     reward_funcs = reward if with_psi else None
     trainer = PowerFlowTrainer(model, reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
@@ -97,5 +97,8 @@ def test_learned_log_z_reaches_the_exact_fixed_point(tmp_path, alpha):
 
 
 def test_group_estimate_with_psi_and_importance_weights_reaches_the_exact_fixed_point(tmp_path):
-    # Each generation is used for two updates: the second one is off-policy, weighted by w ≠ 1
-    _train_and_compare(tmp_path, 2.0, True, with_psi=True, log_z_estimator="group", num_iterations=2)
+    # Each generation is used for two updates: the second one is off-policy, weighted by w ≠ 1. Two-token prompts,
+    # so that prefix sharing has a prompt to share
+    _train_and_compare(
+        tmp_path, 2.0, True, with_psi=True, prompts=["a p0", "b p1"], log_z_estimator="group", num_iterations=2
+    )
