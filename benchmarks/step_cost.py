@@ -74,11 +74,17 @@ MMAP_THRESHOLD = str(1024 * 1024)  # tensors of 1 MiB and more are returned to t
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--case", choices=["tiny", "smollm2-lora", "smollm2-full"], default="tiny")
+    p.add_argument(
+        "--case",
+        choices=["tiny", "smollm2-lora", "smollm2-full", "demo"],
+        default="tiny",
+        help="demo: smollm2-lora at the demo's shape (4 prompts x 8 samples, 12 tokens)",
+    )
     p.add_argument(
         "--trainers",
         default="powerflow,grpo-beta,grpo-nobeta",
-        help="comma list among powerflow, grpo-beta, grpo-nobeta (ignored with --num-iterations-sweep)",
+        help="comma list among powerflow, powerflow-noshare (prefix_sharing=False), grpo-beta, grpo-nobeta "
+        "(ignored with --num-iterations-sweep)",
     )
     p.add_argument(
         "--num-iterations-sweep",
@@ -86,9 +92,9 @@ def parse_args(argv=None):
         help="PowerFlow with num_iterations=1 against 2, and 2 with TRL's old-policy forward (the path before reuse)",
     )
     p.add_argument("--beta", type=float, default=0.04, help="beta of grpo-beta")
-    p.add_argument("--max_completion_length", type=int, default=None, help="default: tiny 16, smollm2 16")
-    p.add_argument("--per_device_train_batch_size", type=int, default=None, help="default: 8")
-    p.add_argument("--num_generations", type=int, default=None, help="default: tiny 8, smollm2 4")
+    p.add_argument("--max_completion_length", type=int, default=None, help="default: tiny 16, smollm2 16, demo 12")
+    p.add_argument("--per_device_train_batch_size", type=int, default=None, help="default: 8, demo 32")
+    p.add_argument("--num_generations", type=int, default=None, help="default: tiny 8, smollm2 4, demo 8")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--num_iterations", type=int, default=1)
     p.add_argument(
@@ -107,13 +113,13 @@ def parse_args(argv=None):
     p.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--no-save", dest="save", action="store_false")
     args = p.parse_args(argv)
-    tiny = args.case == "tiny"
+    tiny, demo = args.case == "tiny", args.case == "demo"
     if args.max_completion_length is None:
-        args.max_completion_length = 16
+        args.max_completion_length = 12 if demo else 16
     if args.per_device_train_batch_size is None:
-        args.per_device_train_batch_size = 8
+        args.per_device_train_batch_size = 32 if demo else 8
     if args.num_generations is None:
-        args.num_generations = 8 if tiny else 4
+        args.num_generations = 8 if tiny or demo else 4
     if args.rounds is None:
         args.rounds = 100 if tiny else 5
     if args.warmup is None:
@@ -556,6 +562,9 @@ def build_trainer(spec, args, path, tokenizer, dataset, root, device):
     name = spec
     num_iterations = args.num_iterations
     trl_old = spec.endswith("-trl-old")
+    prefix_sharing = spec != "powerflow-noshare"
+    if spec == "powerflow-noshare":
+        spec = "powerflow"
     if spec.startswith("powerflow-ni"):
         num_iterations = int(spec[len("powerflow-ni") :].removesuffix("-trl-old"))
         spec = "powerflow"
@@ -582,14 +591,14 @@ def build_trainer(spec, args, path, tokenizer, dataset, root, device):
         dataloader_num_workers=0,
     )
     peft_config = None
-    if args.case == "smollm2-lora":
+    if args.case in ("smollm2-lora", "demo"):
         peft_config = LoraConfig(
             r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM"
         )
     kwargs = dict(train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
     if spec == "powerflow":
         cls = TimedTRLOldLogpsPowerFlowTrainer if trl_old else TimedPowerFlowTrainer
-        trainer = cls(path, args=PowerFlowConfig(**common), **kwargs)
+        trainer = cls(path, args=PowerFlowConfig(prefix_sharing=prefix_sharing, **common), **kwargs)
     elif spec in ("grpo-beta", "grpo-nobeta"):
         beta = args.beta if spec == "grpo-beta" else 0.0
         trainer = TimedGRPOTrainer(path, reward_funcs=constant_reward, args=GRPOConfig(beta=beta, **common), **kwargs)
@@ -707,7 +716,7 @@ def render(args, trainers, specs, device, wall):
         f"({args.num_generations} per prompt), completion length {args.max_completion_length}"
         f"{' (forced)' if args.force_length else ''}, gradient accumulation {args.gradient_accumulation_steps}, "
         f"num_iterations {args.num_iterations if not args.num_iterations_sweep else '1 vs 2'}, "
-        f"{'LoRA r=' + str(args.lora_r) + ' all-linear' if args.case == 'smollm2-lora' else 'full fine-tuning'}, "
+        f"{'full fine-tuning' if args.case in ('tiny', 'smollm2-full') else f'LoRA r={args.lora_r} all-linear'}, "
         f"warmup {args.warmup}, measured steps {args.rounds} per trainer, interleaved round robin; wall {wall:.0f} s"
         f"{'; MALLOC_MMAP_THRESHOLD_=' + mmap if mmap else ''}.",
         "",
@@ -821,6 +830,7 @@ def render(args, trainers, specs, device, wall):
 def label(spec, args):
     return {
         "powerflow": "PowerFlow",
+        "powerflow-noshare": "PowerFlow, prefix_sharing=False",
         "powerflow-ni1": "PowerFlow ni=1",
         "powerflow-ni2": "PowerFlow ni=2",
         "powerflow-ni2-trl-old": "PowerFlow ni=2, old log-probs from TRL's extra forward",

@@ -112,7 +112,9 @@ def test_group_estimate_is_the_weighted_group_mean_of_the_targets():
     alpha, psi = 2.0, torch.tensor([0.0, 0.5, 0.0, 0.0, 0.0])
     out = powerflow_loss(policy, base, mask, None, alpha=alpha, psi=psi, old_logps=old, groups=groups)
 
-    targets = torch.tensor([2.0 * -1.5 + 1.0, 2.0 * (-1.0 + 0.5) + 2.0, 2.0 * -1.0 + 1.0, 2.0 * -2.0 + 3.0, -4.0 * 2 + 1])
+    targets = torch.tensor(
+        [2.0 * -1.5 + 1.0, 2.0 * (-1.0 + 0.5) + 2.0, 2.0 * -1.0 + 1.0, 2.0 * -2.0 + 3.0, -4.0 * 2 + 1]
+    )
     w = torch.exp(torch.tensor([0.0, 0.1, 0.0, -0.2, 0.0]))
     first = (w[0] * targets[0] + w[1] * targets[1]) / (w[0] + w[1])
     second = (w[2] * targets[2] + w[3] * targets[3]) / (w[2] + w[3])

@@ -291,7 +291,9 @@ def test_beta_does_not_enter_the_loss(tmp_path, tokenizer):
     assert all(torch.equal(policy[n], p) for n, p in plain.model.named_parameters())
 
 
-@pytest.mark.parametrize("estimator,log_z_init", [("group", "first_batch"), ("learned", "first_batch"), ("learned", "zero")])
+@pytest.mark.parametrize(
+    "estimator,log_z_init", [("group", "first_batch"), ("learned", "first_batch"), ("learned", "zero")]
+)
 def test_alpha_one_is_a_fixed_point_at_init(tmp_path, tokenizer, estimator, log_z_init):
     # π_θ = p_base at step 0 and α = 1: the residual is log Z' alone, and log Z' starts at exactly 0 either way
     # (first_batch fits it to targets that are all 0; the group mean of zeros is 0).
@@ -574,7 +576,9 @@ def test_log_z_head_keeps_a_constant_learning_rate_outside_gradient_clipping(tmp
 
         def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
             bias = trainer.log_z.bias
-            self.steps.append({"bias": bias.item(), "grad": bias.grad.item(), "lrs": [g["lr"] for g in optimizer.param_groups]})
+            self.steps.append(
+                {"bias": bias.item(), "grad": bias.grad.item(), "lrs": [g["lr"] for g in optimizer.param_groups]}
+            )
 
         def on_optimizer_step(self, args, state, control, **kwargs):
             self.steps[-1]["bias_after"] = trainer.log_z.bias.item()

@@ -33,8 +33,8 @@ class PowerFlowConfig(GRPOConfig):
             `per_device_train_batch_size` should be a multiple of `num_generations` (or divide it). `"learned"`:
             the log Z head below, trained beside the policy; it also serves one sample per micro-batch.
         log_z_conditioning (`str`, *optional*, defaults to `"prompt"`):
-            Learned head only. `"prompt"`: log Z'(x) is a bias plus a small MLP on the mean of the prompt's input embeddings.
-            `"scalar"`: one log Z' for every prompt.
+            Learned head only. `"prompt"`: log Z'(x) is a bias plus a small MLP on the mean of the prompt's input
+            embeddings. `"scalar"`: one log Z' for every prompt.
         log_z_hidden_size (`int`, *optional*, defaults to `256`):
             Learned head only. Width of the hidden layers of the prompt-conditioned log Z head.
         log_z_learning_rate (`float`, *optional*, defaults to `1e-2`):
@@ -42,8 +42,9 @@ class PowerFlowConfig(GRPOConfig):
             (no warmup or decay: the head must track a moving target to the last step) and outside `max_grad_norm`
             clipping (its gradient does not grow with the model's). Far larger than the policy's.
         log_z_init (`str`, *optional*, defaults to `"first_batch"`):
-            Learned head only. `"first_batch"`: fit log Z'(x) to the values that zero the residuals of the first batch (at the start the
-            residual is dominated by `(1 - alpha) * mean base log-prob`, many nats). `"zero"`: start at 0.
+            Learned head only. `"first_batch"`: fit log Z'(x) to the values that zero the residuals of the first batch
+            (at the start the residual is dominated by `(1 - alpha) * mean base log-prob`, many nats). `"zero"`: start
+            at 0.
         prefix_sharing (`bool`, *optional*, defaults to `True`):
             Compute each prompt once for all of its samples in a batch, in the base model's pass and in the policy's
             (with gradients); the log-probabilities and gradients are those of the unshared pass. `False` runs GRPO's

@@ -32,9 +32,7 @@ class DemoArguments:
         default="smollm2-135m",
         metadata={"help": "Model to fine-tune: the embedded 'smollm2-135m', a hub id or a local directory."},
     )
-    output_dir: str = field(
-        default="powerflow-demo", metadata={"help": "Where the LoRA adapter is saved."}
-    )
+    output_dir: str = field(default="powerflow-demo", metadata={"help": "Where the LoRA adapter is saved."})
     alpha: float = field(default=4.0, metadata={"help": "Power of the target p_base(y|x)^alpha (> 1 sharpens)."})
     max_steps: int = field(default=30, metadata={"help": "Training steps."})
     prompts_per_step: int = field(default=4, metadata={"help": "Distinct prompts per step."})
@@ -45,7 +43,10 @@ class DemoArguments:
     learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the LoRA weights."})
     log_z_estimator: str = field(
         default="group",
-        metadata={"help": "log Z'(x): 'group' (from each prompt's samples) or 'learned' (a head).", "choices": ["group", "learned"]},
+        metadata={
+            "help": "log Z'(x): 'group' (from each prompt's samples) or 'learned' (a head).",
+            "choices": ["group", "learned"],
+        },
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (LoRA on every linear layer)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})

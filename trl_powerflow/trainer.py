@@ -342,7 +342,9 @@ class PowerFlowTrainer(GRPOTrainer):
             "non_finite": ((out.lengths > 0) & ~out.valid).float().sum(),  # non-finite residual or importance weight
         }
         sums = torch.stack([v.sum() for v in per_sequence.values()] + list(counts.values()))
-        sums = dict(zip([*per_sequence, *counts], self.accelerator.reduce(sums, reduction="sum").tolist(), strict=True))
+        sums = dict(
+            zip([*per_sequence, *counts], self.accelerator.reduce(sums, reduction="sum").tolist(), strict=True)
+        )
         for name in per_sequence:
             self._metrics[mode][f"powerflow/{name}"].append(sums[name] / max(sums["valid"], 1.0))
         self._metrics[mode]["powerflow/non_finite_sequences"].append(sums["non_finite"])
