@@ -122,7 +122,7 @@ def write(args, results, started, final=False):
         )
     notes = (
         f"alpha={args.alpha}, {args.max_steps} steps, {args.prompts_per_step} prompts x {args.num_generations} "
-        f"samples per step, {args.num_train_prompts} training prompts per set. residual_mean is in nats per token; the "
+        f"samples per step, {args.num_train_prompts} training prompts per set. residual_mean in nats per token; the "
         "group estimate's is zero by construction on-policy. " + common.training_note(args)
     )
     common.write_results(args, common.markdown_table(headers, rows), results, notes, started, _plot, final)

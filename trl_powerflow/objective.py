@@ -52,7 +52,7 @@ def powerflow_loss(
     With `log_z=None`, log Z'(x) is estimated from each prompt's group of samples (VarGrad): the value that minimises
     the group's Σ_i w_i r_i² in closed form, the w-weighted group mean of what log Z' must equal to zero each residual,
 
-        log Z'(x) = Σ_i w_i t_i / Σ_i w_i,  t_i = α · [(1/|y_i|) log p_base(y_i|x) + ψ(y_i)] − (1/|y_i|) log π_θ(y_i|x),
+        log Z'(x) = Σ_i w_i t_i / Σ_i w_i,  t_i = α·[(1/|y_i|) log p_base(y_i|x) + ψ(y_i)] − (1/|y_i|) log π_θ(y_i|x),
 
     taken detached. The loss is then the weighted within-group variance of the residual, whose zero is the same fixed
     point (every residual of a prompt equal); detaching does not change the gradient, since Σ_i w_i (r_i − r̄) = 0.
