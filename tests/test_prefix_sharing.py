@@ -12,7 +12,7 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from trl_powerflow import PowerFlowTrainer
-from trl_powerflow.prefix_sharing import shared_prefix_logps
+from trl_powerflow.prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
 
 
 def _config(name, vocab_size):
@@ -124,6 +124,26 @@ def test_shared_prefix_matches_the_unshared_pass(tmp_path, name, lora, gradient_
         assert (actual[2][n] - g).abs().max() <= 1e-5 * g.abs().max(), n
 
 
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_generation_from_a_shared_prefill_samples_the_same_tokens(name):
+    # Same logits at every step and the same random draws: with the same seed, the very same samples
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config(name, 9)).eval()
+    input_ids, attention_mask, _ = _batch(9)
+    prompts, prompt_mask = input_ids[:, :6], attention_mask[:, :6]
+    config = transformers.GenerationConfig(
+        do_sample=True, max_new_tokens=5, pad_token_id=0, eos_token_id=1, top_k=0, top_p=1.0
+    )
+    torch.manual_seed(1)
+    expected = model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=config)
+    torch.manual_seed(1)
+    shared = generate_from_shared_prefill(
+        model, model.generate, input_ids=prompts, attention_mask=prompt_mask, generation_config=config
+    )
+    assert torch.equal(shared, expected)
+    assert (expected[:, 6:] != 0).sum() > 8  # the samples are not all padding
+
+
 def test_nothing_to_share_when_every_prompt_is_distinct(tmp_path):
     trainer = _trainer(tmp_path, "llama", lora=False, gradient_checkpointing=False)
     input_ids, attention_mask, completion_mask = _batch(trainer.model.config.vocab_size)
@@ -144,6 +164,13 @@ def test_training_with_and_without_sharing_is_the_same_run(tmp_path, monkeypatch
         return out
 
     monkeypatch.setattr(trl_powerflow.trainer, "shared_prefix_logps", counted)
+    prefills = []
+
+    def counted_generate(model, generate, **kwargs):
+        prefills.append(kwargs["input_ids"].size(0))
+        return generate_from_shared_prefill(model, generate, **kwargs)
+
+    monkeypatch.setattr(trl_powerflow.trainer, "generate_from_shared_prefill", counted_generate)
     tokenizer = make_tokenizer()
     runs = {}
     for sharing in (True, False):
@@ -173,6 +200,7 @@ def test_training_with_and_without_sharing_is_the_same_run(tmp_path, monkeypatch
     shared, unshared = runs[True], runs[False]
     # per step: the base pass over 2 chunks of one group each, then 2 policy micro-batches of one group each
     assert shared_passes == [True] * 8
+    assert prefills == [8, 8]  # one generation batch (2 prompts x 4 samples) per step
     losses = [[log["loss"] for log in run.state.log_history if "loss" in log] for run in (shared, unshared)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5) and max(losses[1]) > 0
     for (name, p), q in zip(unshared.model.named_parameters(), shared.model.parameters(), strict=True):

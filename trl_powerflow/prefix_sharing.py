@@ -1,4 +1,5 @@
-"""Prefix sharing: score a batch of completions with each distinct prompt computed once, not once per sample.
+"""Prefix sharing: generate and score a batch of completions with each distinct prompt computed once, not once per
+sample.
 
 GRPO repeats every prompt `num_generations` times and runs the model on each copy in full. Here the rows of a batch
 are grouped by their prompt; each distinct prompt (all of it but its last token) runs once, filling a key/value cache,
@@ -10,7 +11,8 @@ and the cache is indexed out to every row of its group, which runs only its last
 Positions, padding and masks are those of the full sequence, so the log-probabilities equal the unshared pass's; the
 gradient reaching the shared prompt is the sum over its group, exactly what the repeated copies would receive. The
 suffix pass goes through TRL's fused log-prob head (`fused_lm_head=True`, with pre-shifted labels), so temperature,
-soft-capping and chunking are TRL's.
+soft-capping and chunking are TRL's. Generation (transformers' `generate`) starts from the same kind of cache: each
+distinct prompt is prefilled once, and its samples are decoded from it, with the same sampling as from scratch.
 """
 
 import contextlib
@@ -29,6 +31,42 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
+def _groups_and_first_rows(prefix_ids, prefix_mask):
+    """Each row's prompt group, and the first row of each group (its representative)."""
+    groups = prompt_groups(prefix_ids, prefix_mask)
+    rows = torch.arange(len(groups), device=groups.device)
+    num_groups = int(groups.max()) + 1
+    first = torch.full((num_groups,), len(groups), device=groups.device).scatter_reduce(0, groups, rows, "amin")
+    return groups, first
+
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@torch.no_grad()
+def generate_from_shared_prefill(model, generate, input_ids, attention_mask=None, **kwargs):
+    """
+    `generate(input_ids=..., attention_mask=..., **kwargs)` (the model's own `generate`, bound), with every distinct
+    prompt but its last token prefilled once into a cache that its samples start from.
+    """
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    if input_ids.size(1) < 2:
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    groups, first = _groups_and_first_rows(input_ids[:, :-1], attention_mask[:, :-1])
+    if len(first) == len(groups):
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    base_model = _base_model(model)
+    cache_argument = _cache_argument(base_model)
+    cache = DynamicCache(config=base_model.config)
+    model(
+        input_ids=input_ids[first, :-1], attention_mask=attention_mask[first, :-1], logits_to_keep=1,
+        **{cache_argument: cache},
+    )  # fmt: skip
+    cache.batch_select_indices(groups)
+    return generate(input_ids=input_ids, attention_mask=attention_mask, **{cache_argument: cache}, **kwargs)
+
+
 def shared_prefix_logps(
     model, prefix_model, input_ids, attention_mask, logits_to_keep, compute_entropy=False
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -44,15 +82,11 @@ def shared_prefix_logps(
     if prefix_length < 1:
         return None
     prefix_ids, prefix_mask = input_ids[:, :prefix_length], attention_mask[:, :prefix_length]
-    groups = prompt_groups(prefix_ids, prefix_mask)
-    num_groups = int(groups.max()) + 1
-    if num_groups == input_ids.size(0):
+    groups, first = _groups_and_first_rows(prefix_ids, prefix_mask)
+    if len(first) == len(groups):
         return None
-    # One representative row per group: the first
-    rows = torch.arange(len(groups), device=groups.device)
-    first = torch.full((num_groups,), len(groups), device=groups.device).scatter_reduce(0, groups, rows, "amin")
 
-    base_model = prefix_model.get_base_model() if hasattr(prefix_model, "get_base_model") else prefix_model
+    base_model = _base_model(prefix_model)
     cache_argument = _cache_argument(base_model)
     prefix_cache = _replayable(DynamicCache(config=base_model.config), write=True)
     suffix_ids = input_ids[:, prefix_length:]

@@ -23,7 +23,7 @@ from .config import PowerFlowConfig
 from .groups import prompt_groups, shuffle_groups
 from .log_z import LOG_Z_FILE, LogZ
 from .objective import powerflow_loss
-from .prefix_sharing import shared_prefix_logps
+from .prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
 
 
 logger = logging.get_logger(__name__)
@@ -234,6 +234,22 @@ class PowerFlowTrainer(GRPOTrainer):
         if totals[1] > 0:  # no completion long enough to hold a repeated n-gram: nothing to report
             self._metrics[mode]["powerflow/repeated_ngram_rate"].append((totals[0] / totals[1]).item())
         return output
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
+        # transformers' generate: each distinct prompt prefilled once (see `prefix_sharing.py`). vLLM caches prefixes
+        # itself; transformers' continuous batching has its own cache.
+        model = self.accelerator.unwrap_model(self.model)
+        if not self.args.prefix_sharing or self.use_vllm or self.args.use_transformers_continuous_batching:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+            )
+        model.generate = partial(generate_from_shared_prefill, model, type(model).generate.__get__(model))
+        try:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+            )
+        finally:
+            del model.generate
 
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs
