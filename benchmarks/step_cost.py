@@ -454,7 +454,7 @@ SYNC_METHODS = ["item", "tolist", "cpu", "__bool__", "nonzero"]
 
 def start_profiler(trainer):
     rec = trainer.rec
-    rec.profile = {"forwards": defaultdict(int), "syncs": defaultdict(int), "shape": None}
+    rec.profile = {"forwards": defaultdict(int), "tokens": defaultdict(int), "syncs": defaultdict(int), "shape": None}
 
     def phase():
         return rec.stack[-1] if rec.stack else "outside"
@@ -470,6 +470,8 @@ def start_profiler(trainer):
             ids = kwargs.get("input_ids", args[0] if args else None)
             kind = "prefill/full" if ids is None or ids.size(1) > 1 else "decode"
             rec.profile["forwards"][(phase(), _which, kind)] += 1
+            if ids is not None:  # positions computed (padding included)
+                rec.profile["tokens"][(phase(), _which, kind)] += ids.numel()
 
         handles.append(backbone.register_forward_pre_hook(hook, with_kwargs=True))
 
@@ -549,6 +551,7 @@ def stop_profiler(trainer, state):
     rec.profile["largest_input"] = largest_input
     rec.profile["largest_alloc"] = largest_alloc
     rec.profile["vocab"] = vocab
+    rec.profile["prompt_length"] = trainer._buffered_inputs[0]["prompt_ids"].size(1)
     rec.profile["top_ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
 
@@ -850,6 +853,12 @@ def render_profile(trainers, specs, args):
         lines.append(
             "Backbone forward calls per phase: "
             + ", ".join(f"{ph}/{which}/{kind}: {n}" for (ph, which, kind), n in sorted(prof["forwards"].items()))
+        )
+        lines.append("")
+        minimum = b // args.num_generations * prof["prompt_length"] + b * args.max_completion_length
+        lines.append(
+            f"Positions computed per phase (minimum for one pass: each prompt once + the completions = {minimum:,}): "
+            + ", ".join(f"{ph}/{which}/{kind}: {n:,}" for (ph, which, kind), n in sorted(prof["tokens"].items()))
         )
         lines.append("")
         lines.append(

@@ -144,11 +144,23 @@ def test_generation_from_a_shared_prefill_samples_the_same_tokens(name):
     assert (expected[:, 6:] != 0).sum() > 8  # the samples are not all padding
 
 
-def test_nothing_to_share_when_every_prompt_is_distinct(tmp_path):
+def test_nothing_to_share_when_every_prompt_is_distinct_or_short(tmp_path):
     trainer = _trainer(tmp_path, "llama", lora=False, gradient_checkpointing=False)
     input_ids, attention_mask, completion_mask = _batch(trainer.model.config.vocab_size)
     distinct = torch.tensor([0, 1, 2])
     assert shared_prefix_logps(trainer.model, trainer.model, input_ids[distinct], attention_mask[distinct], 5) is None
+    # A repeated prompt of 2 tokens before 30 completion tokens: the second model call would cost more than it saves
+    short = torch.randint(2, 9, (8, 32))
+    assert (
+        shared_prefix_logps(
+            trainer.model,
+            trainer.model,
+            short.clone().index_fill_(1, torch.tensor([0, 1]), 3),
+            torch.ones_like(short),
+            30,
+        )
+        is None
+    )
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])

@@ -31,11 +31,20 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-def _groups_and_first_rows(prefix_ids, prefix_mask):
-    """Each row's prompt group, and the first row of each group (its representative)."""
+# A shared pass makes two model calls instead of one: worth it only when it saves a real share of the positions
+MIN_SAVED_FRACTION = 0.1
+
+
+def _groups_and_first_rows(prefix_ids, prefix_mask, total_positions):
+    """
+    Each row's prompt group and the first row of each group (its representative), or `None` when sharing the
+    prefixes would save less than `MIN_SAVED_FRACTION` of `total_positions` (distinct prompts, or short ones).
+    """
     groups = prompt_groups(prefix_ids, prefix_mask)
     rows = torch.arange(len(groups), device=groups.device)
     num_groups = int(groups.max()) + 1
+    if (len(groups) - num_groups) * prefix_ids.size(1) < MIN_SAVED_FRACTION * total_positions:
+        return None
     first = torch.full((num_groups,), len(groups), device=groups.device).scatter_reduce(0, groups, rows, "amin")
     return groups, first
 
@@ -51,11 +60,12 @@ def generate_from_shared_prefill(model, generate, input_ids, attention_mask=None
     prompt but its last token prefilled once into a cache that its samples start from.
     """
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    if input_ids.size(1) < 2:
+    shared = input_ids.size(1) > 1 and _groups_and_first_rows(
+        input_ids[:, :-1], attention_mask[:, :-1], input_ids.numel()
+    )
+    if not shared:
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    groups, first = _groups_and_first_rows(input_ids[:, :-1], attention_mask[:, :-1])
-    if len(first) == len(groups):
-        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    groups, first = shared
     base_model = _base_model(model)
     cache_argument = _cache_argument(base_model)
     cache = DynamicCache(config=base_model.config)
@@ -73,7 +83,7 @@ def shared_prefix_logps(
     """
     Per-token log-probabilities (and entropies) of the last `logits_to_keep` tokens of each row, shape
     `(B, logits_to_keep)`, as `GRPOTrainer._get_per_token_logps_and_entropies` computes them, or `None` when no prompt
-    is repeated in the batch (nothing to share).
+    is repeated enough in the batch to be worth sharing.
 
     `model` is the model as the trainer calls it (possibly wrapped for DDP); `prefix_model` the same model unwrapped,
     which runs the prefix pass (a wrapper's forward hooks expect one forward per backward).
@@ -82,9 +92,10 @@ def shared_prefix_logps(
     if prefix_length < 1:
         return None
     prefix_ids, prefix_mask = input_ids[:, :prefix_length], attention_mask[:, :prefix_length]
-    groups, first = _groups_and_first_rows(prefix_ids, prefix_mask)
-    if len(first) == len(groups):
+    shared = _groups_and_first_rows(prefix_ids, prefix_mask, input_ids.numel())
+    if shared is None:
         return None
+    groups, first = shared
 
     base_model = _base_model(prefix_model)
     cache_argument = _cache_argument(base_model)
