@@ -54,5 +54,5 @@ def test_quickstart_notebook_runs(monkeypatch, tmp_path):
     assert "smollm2-135m" in text and "accuracy before training" in text and "after (avg@2" in text
     assert any("image/png" in output.get("data", {}) for output in outputs)  # the training curves
     assert (output_dir / "training_curves.png").is_file()
-    assert (output_dir / "log_z.safetensors").is_file() and (output_dir / "adapter_model.safetensors").is_file()
+    assert (output_dir / "adapter_model.safetensors").is_file()
     assert os.path.getsize(output_dir / "training_curves.png") > 1000

@@ -26,7 +26,6 @@ python examples/scripts/powerflow.py \
     --per_device_train_batch_size 32 \
     --max_completion_length 12 \
     --learning_rate 2e-4 \
-    --log_z_learning_rate 1e-2 \
     --use_peft \
     --lora_r 16 \
     --lora_alpha 32 \
