@@ -29,6 +29,17 @@ def setup_environment(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def load_base_model(args):
+    """Sets up the environment (`args.threads`), then loads the base model `args.model` (embedded short name, hub id
+    or directory). Returns `(model_path, model, tokenizer)`."""
+    setup_environment(args.threads)
+    from trl_powerflow.evaluation import load_model_and_tokenizer
+    from trl_powerflow.models import resolve_model_name_or_path
+
+    model_path = resolve_model_name_or_path(args.model)
+    return (model_path, *load_model_and_tokenizer(model_path))
+
+
 def add_common_arguments(parser) -> None:
     """Flags every benchmark shares."""
     parser.add_argument(

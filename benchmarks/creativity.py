@@ -123,15 +123,12 @@ def sharpen(model_path, tokenizer, train, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    common.setup_environment(args.threads)
     started = time.time()
+    judge_path, judge, tokenizer = common.load_base_model(args)
 
     from trl_powerflow.evaluation import generate_samples, load_model_and_tokenizer
-    from trl_powerflow.models import resolve_model_name_or_path
     from trl_powerflow.prompt_sets import load_prompt_set
 
-    judge_path = resolve_model_name_or_path(args.model)
-    judge, tokenizer = load_model_and_tokenizer(judge_path)
     train = load_prompt_set("creative", split="train", kinds=args.kinds).select_columns(["prompt"])
     test_all = load_prompt_set("creative", split="test", kinds=args.kinds)
     index = [

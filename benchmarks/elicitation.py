@@ -64,15 +64,12 @@ def correctness_reward(completions, answer, aliases, **kwargs):
 
 def main(argv=None):
     args = parse_args(argv)
-    common.setup_environment(args.threads)
     started = time.time()
+    model_path, base, tokenizer = common.load_base_model(args)
 
-    from trl_powerflow.evaluation import load_model_and_tokenizer, power_sampling
-    from trl_powerflow.models import resolve_model_name_or_path
+    from trl_powerflow.evaluation import power_sampling
     from trl_powerflow.prompt_sets import load_prompt_set
 
-    model_path = resolve_model_name_or_path(args.model)
-    base, tokenizer = load_model_and_tokenizer(model_path)
     train = load_prompt_set("capitals", split="train", kinds=["capital"])
     if args.num_train_prompts:
         train = train.select(range(min(args.num_train_prompts, len(train))))

@@ -47,15 +47,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    common.setup_environment(args.threads)
     started = time.time()
+    model_path, _, tokenizer = common.load_base_model(args)
 
-    from trl_powerflow.evaluation import load_model_and_tokenizer
-    from trl_powerflow.models import resolve_model_name_or_path
     from trl_powerflow.prompt_sets import load_prompt_set
 
-    model_path = resolve_model_name_or_path(args.model)
-    _, tokenizer = load_model_and_tokenizer(model_path)
     results = {}
     for seed in args.seeds:
         for prompt_set, kinds in PROMPT_SETS.items():
