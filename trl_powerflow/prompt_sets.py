@@ -40,25 +40,20 @@ class PromptSetInfo:
             JSON Lines file in the package's `data` folder.
         group_column (`str`):
             Column whose value decides the split; rows that share it share a side.
-        description (`str`):
-            One line for help texts.
     """
 
     file: str
     group_column: str
-    description: str
 
 
 PROMPT_SETS: dict[str, PromptSetInfo] = {
     "capitals": PromptSetInfo(
         file="capitals.jsonl",
-        group_column="subject",
-        description="356 one-word factual questions (capitals, languages, chemical symbols, authors) with answers",
+        group_column="subject",  # one-word factual questions (capitals, languages, chemical symbols, authors)
     ),
     "creative": PromptSetInfo(
         file="creative.jsonl",
-        group_column="topic",
-        description="306 creative prompts (one-line jokes, four-line poems, story openings) on 102 topics",
+        group_column="topic",  # one-line jokes, four-line poems, story openings
     ),
 }
 """Names accepted by [`load_prompt_set`]."""
