@@ -10,8 +10,8 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from trl_powerflow import CollapseGuardCallback, PowerFlowTrainer
+from trl_powerflow.callbacks import repeated_ngram_rate
 from trl_powerflow.log_z import LogZ
-from trl_powerflow.trainer import repeated_ngram_rate
 
 
 def _trainer(output_dir, tokenizer, callbacks=None, **overrides):

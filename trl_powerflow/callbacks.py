@@ -111,3 +111,9 @@ class CollapseGuardCallback(TrainerCallback):
                 "use `length_normalization=True`; otherwise lower the learning rate or move `alpha` closer to 1."
             )
             control.should_training_stop = True
+
+
+def repeated_ngram_rate(token_ids: list[int], n: int = 3) -> float | None:
+    """Fraction of the n-grams of a completion that repeat an earlier one (None when shorter than n)."""
+    ngrams = [tuple(token_ids[i : i + n]) for i in range(len(token_ids) - n + 1)]
+    return 1.0 - len(set(ngrams)) / len(ngrams) if ngrams else None

@@ -3,27 +3,31 @@
 import contextlib
 import copy
 import os
-import re
 import textwrap
 from functools import partial
 
 import torch
 from accelerate.utils import is_peft_model
-from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import TrainerCallback
-from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import logging
 from trl import GRPOTrainer
-from trl.data_utils import is_conversational
-from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, get_config_model_id, split_tensor_dict
+from trl.trainer.utils import get_config_model_id, split_tensor_dict
 
+from .callbacks import repeated_ngram_rate
 from .config import PowerFlowConfig
 from .groups import prompt_groups, shuffle_groups
 from .log_z import LOG_Z_FILE, LogZ
 from .objective import powerflow_loss
 from .prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
+from .trl_seams import (
+    LogZGradientCallback,
+    attribute_set_to,
+    check_dataset,
+    constant,
+    last_complete_checkpoint,
+    no_reward,
+    prepare_in_memory_base,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -37,14 +41,22 @@ class PowerFlowTrainer(GRPOTrainer):
     trains the model to sample from `p_base(y|x)^alpha`, the α-power of its own base distribution.
 
     A drop-in replacement for [`~trl.GRPOTrainer`]: it takes the same arguments and reuses GRPO's generation
-    (transformers or vLLM), prompt handling, PEFT and quantisation, logging and checkpoints. Only the objective
-    changes (see [`powerflow_loss`]). `reward_funcs` is optional: without it training is fully unsupervised; with it,
-    the weighted sum of the rewards is the sequence-level term ψ(y) inside the α bracket of the target.
+    (transformers or vLLM), prompt handling, PEFT and quantisation, logging and checkpoints. What differs from GRPO:
 
-    The base model's log-probabilities are TRL's reference log-probabilities: the adapter-disabled model with PEFT
-    (no second copy), a frozen reference model otherwise. log Z'(x) is estimated from each prompt's group of samples
-    (the default; the trainer keeps a prompt's samples in one micro-batch), or learned by a head that belongs to the
-    trainer: its own optimizer group, saved with every checkpoint as `log_z.safetensors`.
+    - the loss (`_compute_loss`): [`powerflow_loss`], length-aware trajectory balance towards p_base^α, in place of
+      advantages and a KL term. `reward_funcs` is optional: without it training is fully unsupervised; with it, the
+      weighted sum of the rewards is the sequence-level term ψ(y) inside the α bracket of the target;
+    - the base model's log-probabilities are TRL's reference log-probabilities, always computed (the adapter-disabled
+      model with PEFT, a frozen reference otherwise; `beta` is never a coefficient);
+    - log Z'(x) comes from each prompt's group of samples (the default), so a generation batch is shuffled by whole
+      prompt groups (`_prepare_inputs`); or from a learned head owned by the trainer (own optimizer group at a
+      constant learning rate, saved with every checkpoint as `log_z.safetensors`);
+    - prefix sharing (`_generate_single_turn`, `_get_per_token_logps_and_entropies`): each prompt is computed once for
+      all of its samples, in generation and in both scoring passes;
+    - with `num_iterations > 1`, the old policy's log-probs come from the first optimisation pass, not an extra
+      forward.
+
+    The workarounds for TRL's internals are gathered, with their reasons, in `trl_seams.py`.
 
     Example:
 
@@ -85,7 +97,7 @@ class PowerFlowTrainer(GRPOTrainer):
                 f"`args` must be a `PowerFlowConfig`, got `{type(args).__name__}`. Replace `GRPOConfig(...)` by "
                 "`PowerFlowConfig(...)`: it accepts every GRPOConfig argument."
             )
-        _check_dataset(kwargs.get("train_dataset"), kwargs.get("processing_class"))
+        check_dataset(kwargs.get("train_dataset"), kwargs.get("processing_class"))
 
         # TRL rebuilds a full fine-tuning reference from `config._name_or_path`, which a model passed as an object may
         # lack or no longer match: freeze a copy of the object itself instead.
@@ -97,14 +109,14 @@ class PowerFlowTrainer(GRPOTrainer):
         # them, as the base log-probs of its target; beta is a switch here, never a coefficient (no KL term).
         # GRPO refuses to start without a reward source; PowerFlow needs none, so hand it a placeholder and drop it
         unsupervised = not reward_funcs and kwargs.get("environment_factory") is None
-        with _attribute_set_to(args, "beta", 0.0 if in_memory_base is not None else 1.0):
-            super().__init__(model, [_no_reward] if unsupervised else reward_funcs, args=args, **kwargs)
+        with attribute_set_to(args, "beta", 0.0 if in_memory_base is not None else 1.0):
+            super().__init__(model, [no_reward] if unsupervised else reward_funcs, args=args, **kwargs)
         self.beta = 1.0
         if unsupervised:
             self.reward_funcs, self.reward_func_names, self.reward_processing_classes = [], [], []
             self.reward_weights = torch.ones(0)
         if in_memory_base is not None:
-            self.ref_model = self._prepare_in_memory_base(in_memory_base)
+            self.ref_model = prepare_in_memory_base(self, in_memory_base)
         if self._is_vlm:
             raise ValueError(
                 "PowerFlowTrainer does not support vision-language models yet: its policy pass would score the "
@@ -122,18 +134,8 @@ class PowerFlowTrainer(GRPOTrainer):
                 self.log_z = LogZ(embedding_dim, args.log_z_hidden_size).to(self.accelerator.device)
             if args.log_z_init == "zero":
                 self.log_z.start_at(0.0)
-            self.add_callback(_LogZGradientCallback(self.log_z, self.accelerator))
+            self.add_callback(LogZGradientCallback(self.log_z, self.accelerator))
         self._non_finite_batches = 0
-
-    def _prepare_in_memory_base(self, base_model):
-        if self.args.disable_dropout:
-            disable_dropout_in_model(base_model)
-        add_fused_lm_head(base_model, temperature=1.0, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(base_model, self.accelerator)
-        if self.is_fsdp_enabled:
-            return prepare_fsdp(base_model, self.accelerator)
-        return self.accelerator.prepare_model(base_model, evaluation_mode=True)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -155,7 +157,7 @@ class PowerFlowTrainer(GRPOTrainer):
                     "constant. Use a warmup/decay schedule (linear, cosine, constant, ...) or "
                     "`log_z_estimator='group'`."
                 )
-            scheduler.lr_lambdas[index] = _constant
+            scheduler.lr_lambdas[index] = constant
             scheduler.optimizer.param_groups[index]["lr"] = self.args.log_z_learning_rate
         return scheduler
 
@@ -214,7 +216,7 @@ class PowerFlowTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         # TRL reads `num_iterations` here only to decide whether to run the old policy's forward
         reuse = self.model.training and self._reuses_first_pass()
-        with _attribute_set_to(self, "num_iterations", 1) if reuse else contextlib.nullcontext():
+        with attribute_set_to(self, "num_iterations", 1) if reuse else contextlib.nullcontext():
             output = super()._generate_and_score_completions(inputs)
         if self.reward_funcs:
             # GRPO turns the rewards into advantages, which PowerFlow does not use: keep their weighted sum ψ(y)
@@ -418,84 +420,3 @@ class PowerFlowTrainer(GRPOTrainer):
                 self.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir)))
             finally:
                 self.args.output_dir = run_output_dir
-
-
-class _LogZGradientCallback(TrainerCallback):
-    """The log Z head is outside the model: DDP does not average its gradients and `model.zero_grad()` skips it."""
-
-    def __init__(self, log_z, accelerator):
-        self.log_z, self.accelerator = log_z, accelerator
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.accelerator.num_processes > 1:
-            for param in self.log_z.parameters():
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                param.grad = self.accelerator.reduce(param.grad, reduction="mean")
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.log_z.zero_grad(set_to_none=True)
-
-
-def last_complete_checkpoint(output_dir: str, with_log_z: bool = True) -> str | None:
-    """
-    The latest `checkpoint-N` in `output_dir` whose save finished: its trainer state (written last) is there, and its
-    log Z head when `with_log_z`.
-    """
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted(
-        (int(name.split("-")[-1]) for name in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", name)),
-        reverse=True,
-    )
-    for step in steps:
-        checkpoint = os.path.join(output_dir, f"checkpoint-{step}")
-        if os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)) and (
-            not with_log_z or os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE))
-        ):
-            return checkpoint
-        logger.warning(f"Skipping {checkpoint}: its save did not finish.")
-    return None
-
-
-def repeated_ngram_rate(token_ids: list[int], n: int = 3) -> float | None:
-    """Fraction of the n-grams of a completion that repeat an earlier one (None when shorter than n)."""
-    ngrams = [tuple(token_ids[i : i + n]) for i in range(len(token_ids) - n + 1)]
-    return 1.0 - len(set(ngrams)) / len(ngrams) if ngrams else None
-
-
-def _constant(step):
-    return 1.0
-
-
-def _no_reward(completions, **kwargs):
-    return [0.0] * len(completions)
-
-
-@contextlib.contextmanager
-def _attribute_set_to(obj, name, value):
-    saved = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, saved)
-
-
-def _check_dataset(dataset, processing_class):
-    """Fail before any model is loaded on a dataset GRPO would only reject at the first step."""
-    if not isinstance(dataset, Dataset):
-        return
-    if "prompt" not in dataset.column_names:
-        raise ValueError(
-            f"The training dataset has no 'prompt' column (columns: {dataset.column_names}). Rename the column that "
-            "holds the prompts with `dataset.rename_column(..., 'prompt')`."
-        )
-    if len(dataset) == 0:
-        raise ValueError("The training dataset is empty: PowerFlow needs prompts to sample completions from.")
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    if tokenizer is not None and is_conversational(dataset[0]) and getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            "The prompts are conversational (lists of messages) but the tokenizer has no chat template. Give the "
-            "tokenizer a `chat_template`, or pass plain-text prompts."
-        )

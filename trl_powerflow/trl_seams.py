@@ -1,0 +1,123 @@
+"""
+Where PowerFlowTrainer works around GRPOTrainer (TRL 1.16), one helper a seam; `tests/test_trl_contract.py` pins the
+TRL code each relies on.
+
+- `attribute_set_to`: TRL builds the reference model and computes `ref_per_token_logps` (PowerFlow's base log-probs)
+  only when `beta != 0`, so `beta` is set for TRL's `__init__` and never used as a coefficient; the same switch hides
+  `num_iterations > 1` from generation when the first pass's log-probs serve as the old policy's.
+- `no_reward`: GRPO refuses to start without a reward source; PowerFlow needs none, so it gets this placeholder,
+  removed right after.
+- `prepare_in_memory_base`: TRL reloads a full fine-tuning reference from `config._name_or_path`, which a model passed
+  as an object may lack or no longer match; a frozen copy of the object serves instead.
+- `LogZGradientCallback`: a learned log Z head belongs to the trainer, not the model: DDP does not average its
+  gradients and `model.zero_grad()` skips it.
+- `constant`: the learned head's learning-rate factor, replacing the policy's schedule for its parameter group.
+- `last_complete_checkpoint`: Trainer resumes from the highest-numbered checkpoint, even one a crash left half-written.
+- `check_dataset`: GRPO rejects a dataset without prompts only at the first step, after loading the model.
+"""
+
+import contextlib
+import os
+import re
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.utils import logging
+from trl.data_utils import is_conversational
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+
+from .log_z import LOG_Z_FILE
+
+
+logger = logging.get_logger(__name__)
+
+
+@contextlib.contextmanager
+def attribute_set_to(obj, name, value):
+    """`obj.name = value` inside the block, its old value back after."""
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
+
+
+def no_reward(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+def prepare_in_memory_base(trainer, base_model):
+    """Make a frozen copy of the policy the base model, as TRL prepares a reference it loads itself."""
+    if trainer.args.disable_dropout:
+        disable_dropout_in_model(base_model)
+    add_fused_lm_head(base_model, temperature=1.0, cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32)
+    if trainer.is_deepspeed_enabled:
+        return prepare_deepspeed(base_model, trainer.accelerator)
+    if trainer.is_fsdp_enabled:
+        return prepare_fsdp(base_model, trainer.accelerator)
+    return trainer.accelerator.prepare_model(base_model, evaluation_mode=True)
+
+
+class LogZGradientCallback(TrainerCallback):
+    """Average the learned log Z head's gradients across processes before each optimizer step; zero them after."""
+
+    def __init__(self, log_z, accelerator):
+        self.log_z, self.accelerator = log_z, accelerator
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.accelerator.num_processes > 1:
+            for param in self.log_z.parameters():
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.log_z.zero_grad(set_to_none=True)
+
+
+def constant(step):
+    return 1.0
+
+
+def last_complete_checkpoint(output_dir: str, with_log_z: bool = True) -> str | None:
+    """
+    The latest `checkpoint-N` in `output_dir` whose save finished: its trainer state (written last) is there, and its
+    log Z head when `with_log_z`.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(
+        (int(name.split("-")[-1]) for name in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", name)),
+        reverse=True,
+    )
+    for step in steps:
+        checkpoint = os.path.join(output_dir, f"checkpoint-{step}")
+        if os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)) and (
+            not with_log_z or os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE))
+        ):
+            return checkpoint
+        logger.warning(f"Skipping {checkpoint}: its save did not finish.")
+    return None
+
+
+def check_dataset(dataset, processing_class):
+    """Fail before any model is loaded on a dataset GRPO would only reject at the first step."""
+    if not isinstance(dataset, Dataset):
+        return
+    if "prompt" not in dataset.column_names:
+        raise ValueError(
+            f"The training dataset has no 'prompt' column (columns: {dataset.column_names}). Rename the column that "
+            "holds the prompts with `dataset.rename_column(..., 'prompt')`."
+        )
+    if len(dataset) == 0:
+        raise ValueError("The training dataset is empty: PowerFlow needs prompts to sample completions from.")
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if tokenizer is not None and is_conversational(dataset[0]) and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "The prompts are conversational (lists of messages) but the tokenizer has no chat template. Give the "
+            "tokenizer a `chat_template`, or pass plain-text prompts."
+        )
