@@ -48,6 +48,7 @@ def test_qlora_bf16_trains_the_adapter_only(tmp_path, tokenizer):
         args=_gpu_config(
             tmp_path / "out",
             model_init_kwargs={"quantization_config": quantization, "device_map": {"": 0}, "dtype": torch.bfloat16},
+            log_z_estimator="learned",  # the head reads the input embeddings of a 4-bit model
         ),
         train_dataset=_dataset(),
         processing_class=tokenizer,
@@ -87,5 +88,4 @@ def test_bf16_full_fine_tuning_moves_every_trainable_weight(tmp_path, tokenizer)
     # the frozen base copy used for the base log-probs stays where it started
     base = dict(trainer.ref_model.named_parameters())
     assert all(torch.equal(base[n], p) for n, p in before.items())
-    assert all(math.isfinite(loss) for loss in _losses(trainer))
-    assert all(math.isfinite(p.float().sum().item()) for p in trainer.log_z.parameters())
+    assert all(math.isfinite(loss) for loss in _losses(trainer)) and max(_losses(trainer)) > 0

@@ -638,3 +638,28 @@ def test_later_passes_reuse_the_first_passs_log_probs(tmp_path, tokenizer):
     assert any(log["loss"] > 0 for log in _logs(plain))
     for (name, p), q in zip(plain.model.named_parameters(), reused.model.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# 12. vLLM's sampler never enters the objective
+
+
+def test_vllm_importance_ratio_and_sampler_log_probs_do_not_enter_the_loss(tmp_path, tokenizer):
+    # With vLLM, TRL adds the sampler's log-probs and a sampler/trainer importance ratio to the batch, and GRPO
+    # multiplies its loss by that ratio. Trajectory balance's fixed point does not depend on the sampling
+    # distribution (as long as it covers the support): the residual takes the trained model's and the base model's
+    # log-probs only, and w compares the trained model with itself at sampling time.
+    trainer = _trainer(tmp_path, tokenizer, max_steps=1)
+    seen, compute_loss = [], trainer._compute_loss
+
+    def spy(model, inputs):
+        seen.append(dict(inputs))
+        return compute_loss(model, inputs)
+
+    trainer._compute_loss = spy
+    trainer.train()
+    inputs = seen[0]
+    plain = compute_loss(trainer.model, dict(inputs)).item()
+    vllm = dict(inputs)
+    vllm["importance_sampling_ratio"] = torch.rand(inputs["completion_ids"].shape) * 3
+    vllm["sampling_per_token_logps"] = torch.full(inputs["completion_ids"].shape, -20.0)
+    assert compute_loss(trainer.model, vllm).item() == plain and plain > 0
