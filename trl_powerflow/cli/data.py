@@ -1,0 +1,93 @@
+"""The dataset flags shared by `train` and `evaluate`, and the one loader of prompts (built-in prompt sets, hub
+datasets, local files and `save_to_disk` directories), also used by the benchmarks."""
+
+import os
+from dataclasses import dataclass, field
+
+from trl import ScriptArguments
+
+from ..prompt_sets import PROMPT_SETS
+from .common import DATA_FILE_BUILDERS, CLIError, _looks_like_path
+
+
+@dataclass
+class PowerFlowScriptArguments(ScriptArguments):
+    """Dataset arguments of `trl-powerflow train`: TRL's `ScriptArguments`, the prompt column, prompt-set kinds."""
+
+    prompt_column: str = field(
+        default="prompt",
+        metadata={"help": "Column holding the prompts (plain text or lists of chat messages); renamed to 'prompt'."},
+    )
+    dataset_kinds: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Built-in prompt sets only: keep these kinds (capitals: capital, language, chemical_symbol, "
+            "author; creative: joke, poem, story)."
+        },
+    )
+
+
+def load_prompts(script_args: PowerFlowScriptArguments, split: str):
+    """Loads the `split` of `--dataset_name` and returns it with the prompts in a `prompt` column."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    name, streaming = script_args.dataset_name, script_args.dataset_streaming
+    if name is None:
+        raise CLIError(
+            f"--dataset_name is required: a built-in prompt set ({', '.join(PROMPT_SETS)}), a hub dataset id, a local "
+            ".json/.jsonl/.csv/.parquet file or a save_to_disk directory."
+        )
+    if script_args.dataset_kinds and name not in PROMPT_SETS:
+        raise CLIError(f"--dataset_kinds applies to the built-in prompt sets ({', '.join(PROMPT_SETS)}) only.")
+    if name in PROMPT_SETS and not os.path.exists(name):
+        from ..prompt_sets import load_prompt_set
+
+        if split not in ("train", "test"):
+            raise CLIError(f"The built-in prompt set '{name}' has the splits 'train' and 'test', not '{split}'.")
+        try:
+            dataset = load_prompt_set(name, split=split, kinds=script_args.dataset_kinds)
+        except ValueError as error:
+            raise CLIError(error) from None
+    elif os.path.isfile(name):
+        builder = DATA_FILE_BUILDERS.get(os.path.splitext(name)[1].lower())
+        if builder is None:
+            raise CLIError(f"Unsupported dataset file '{name}': use a .json, .jsonl, .csv or .parquet file.")
+        dataset = load_dataset(builder, data_files={split: name}, split=split, streaming=streaming)
+    elif os.path.isdir(name):
+        saved = any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "dataset_info.json"))
+        if saved:
+            dataset = load_from_disk(name)
+        else:  # a folder of data files
+            dataset = load_dataset(name, name=script_args.dataset_config, streaming=streaming)
+        if isinstance(dataset, DatasetDict):
+            if split not in dataset:
+                raise CLIError(f"Dataset '{name}' has no split '{split}' (splits: {', '.join(dataset)}).")
+            dataset = dataset[split]
+    elif _looks_like_path(name):
+        raise CLIError(
+            f"Dataset '{name}' not found: no such file or directory, and not a built-in prompt set "
+            f"({', '.join(PROMPT_SETS)}). Check the path."
+        )
+    else:
+        try:
+            dataset = load_dataset(name, name=script_args.dataset_config, split=split, streaming=streaming)
+        except Exception as error:  # offline, unknown id, missing split: all end the same way for the user
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CLIError(
+                f"Could not load dataset '{name}' (split '{split}') from the Hugging Face Hub: {reason}. Use a "
+                f"built-in prompt set ({', '.join(PROMPT_SETS)}), a local .json/.jsonl/.csv/.parquet file or a "
+                "save_to_disk directory."
+            ) from None
+
+    columns = dataset.column_names or []
+    column = script_args.prompt_column
+    if columns and column not in columns:
+        raise CLIError(
+            f"Dataset '{name}' has no column '{column}' (columns: {', '.join(columns)}). Name the column that holds "
+            "the prompts with --prompt_column."
+        )
+    if column != "prompt":
+        if "prompt" in columns:
+            dataset = dataset.remove_columns("prompt")
+        dataset = dataset.rename_column(column, "prompt")
+    return dataset
