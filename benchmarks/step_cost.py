@@ -150,12 +150,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
     PrinterCallback,
     TrainerCallback,
 )
@@ -171,30 +167,17 @@ transformers.logging.set_verbosity_error()
 
 
 def tiny_model_dir(args, root):
-    """The tests' tiny Llama and word-level tokenizer (tests/conftest.py), saved so that every trainer loads a path."""
-    words = ["<pad>", "<eos>", "a", "b", "c", "p0", "p1", "user:", "assistant:"]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", padding_side="left"
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    """The tests' tiny Llama and word-level tokenizer (`trl_powerflow.testing`), saved so that every trainer loads a
+    path."""
+    from trl_powerflow.testing import make_model, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    model = make_model(
+        tokenizer,
         hidden_size=args.hidden_size,
-        intermediate_size=2 * args.hidden_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_layers=args.num_layers,
         max_position_embeddings=max(64, args.max_completion_length + 16),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     path = os.path.join(root, "tiny-llama")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
