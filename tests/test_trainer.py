@@ -663,3 +663,17 @@ def test_vllm_importance_ratio_and_sampler_log_probs_do_not_enter_the_loss(tmp_p
     vllm["importance_sampling_ratio"] = torch.rand(inputs["completion_ids"].shape) * 3
     vllm["sampling_per_token_logps"] = torch.full(inputs["completion_ids"].shape, -20.0)
     assert compute_loss(trainer.model, vllm).item() == plain and plain > 0
+
+
+# 13. α warmup
+
+
+def test_alpha_warmup_is_linear_from_one_to_alpha(tmp_path, tokenizer):
+    trainer = _trainer(tmp_path, tokenizer, alpha=3.0, alpha_warmup_steps=4, max_steps=6)
+    trainer.train()
+    logs = _logs(trainer)
+    # logged at steps 1..6, each computed at global step 0..5: 1 + (3 − 1)·min(1, step / 4)
+    assert [log["powerflow/alpha"] for log in logs] == [1.0, 1.5, 2.0, 2.5, 3.0, 3.0]
+    assert logs[0]["loss"] == 0.0 and logs[1]["loss"] > 0  # α = 1 at the base model: nothing to learn yet
+    with pytest.raises(ValueError, match="alpha_warmup_steps"):
+        make_config(tmp_path, alpha_warmup_steps=-1)

@@ -21,6 +21,10 @@ class PowerFlowConfig(GRPOConfig):
             The power of the target `p_base(y|x)^alpha`. `alpha > 1` sharpens the base model (reasoning, accuracy),
             `alpha < 1` flattens it (diversity), `alpha = 1` leaves it where it is. The paper uses 4 for base models
             on math, 2 for instruct models and 0.5 for creative writing.
+        alpha_warmup_steps (`int`, *optional*, defaults to `0`):
+            Anneal the power: α goes linearly from 1 (the base model itself, where the loss is zero) at step 0 to
+            `alpha` at this optimizer step, then stays there, as GFlowNet practice anneals its reward temperature.
+            `0` trains at `alpha` from the start.
         length_normalization (`bool`, *optional*, defaults to `True`):
             Divide the TB residual by the completion length (the PowerFlow objective, whose fixed point is the
             α-power tilted on length). `False` gives plain trajectory TB, whose target `p_base^alpha / Z` collapses
@@ -68,6 +72,10 @@ class PowerFlowConfig(GRPOConfig):
             "(diversity), 1 leaves the model unchanged. Paper: 4 for base models on math, 2 for instruct models, 0.5 "
             "for creative writing."
         },
+    )
+    alpha_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Optimizer steps over which alpha goes linearly from 1 to `alpha` (0: `alpha` from the start)."},
     )
     length_normalization: bool = field(
         default=True,
@@ -134,6 +142,8 @@ class PowerFlowConfig(GRPOConfig):
                 f"`alpha` must be a finite number > 0, got {self.alpha!r}. Use alpha > 1 to sharpen the model "
                 "(e.g. 4), alpha < 1 to flatten it (e.g. 0.5)."
             )
+        if not (isinstance(self.alpha_warmup_steps, int) and self.alpha_warmup_steps >= 0):
+            raise ValueError(f"`alpha_warmup_steps` must be an integer >= 0, got {self.alpha_warmup_steps!r}.")
         if self.temperature != 1.0:
             raise ValueError(
                 f"`temperature` must be 1.0 for PowerFlow, got {self.temperature}: the TB residual needs untempered "

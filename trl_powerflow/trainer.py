@@ -302,7 +302,7 @@ class PowerFlowTrainer(GRPOTrainer):
             policy_logps=policy_logps,
             base_logps=inputs["ref_per_token_logps"],
             mask=mask,
-            alpha=self.args.alpha,
+            alpha=self.current_alpha(),
             psi=inputs.get("psi"),
             old_logps=inputs.get("old_per_token_logps"),
             epsilon_low=self.epsilon_low,
@@ -323,6 +323,13 @@ class PowerFlowTrainer(GRPOTrainer):
             loss = out.loss.sum() / out.valid.sum().clamp(min=1)
         self._log_metrics(out, entropies, mask, mode)
         return loss
+
+    def current_alpha(self) -> float:
+        """α at this optimizer step: linear from 1 to `alpha` over `alpha_warmup_steps`, then `alpha`."""
+        warmup = self.args.alpha_warmup_steps
+        if warmup == 0:
+            return self.args.alpha
+        return 1.0 + (self.args.alpha - 1.0) * min(1.0, self.state.global_step / warmup)
 
     def _learned_log_z(self, objective, model, prompt_ids, prompt_mask, mode):
         """log Z'(x) from the head, started at the first training batch (the data-driven start)."""
@@ -366,6 +373,7 @@ class PowerFlowTrainer(GRPOTrainer):
         for name in per_sequence:
             self._metrics[mode][f"powerflow/{name}"].append(sums[name] / max(sums["valid"], 1.0))
         self._metrics[mode]["powerflow/non_finite_sequences"].append(sums["non_finite"])
+        self._metrics[mode]["powerflow/alpha"].append(self.current_alpha())
         self._metrics[mode]["entropy"].append(sums["entropy"] / max(sums["tokens"], 1.0))
         if mode != "train":
             return
