@@ -75,7 +75,9 @@ class PowerFlowConfig(GRPOConfig):
     )
     alpha_warmup_steps: int = field(
         default=0,
-        metadata={"help": "Optimizer steps over which alpha goes linearly from 1 to `alpha` (0: `alpha` from the start)."},
+        metadata={
+            "help": "Optimizer steps over which alpha goes linearly from 1 to `alpha` (0: `alpha` from the start)."
+        },
     )
     length_normalization: bool = field(
         default=True,
