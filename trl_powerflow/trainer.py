@@ -20,9 +20,10 @@ from .log_z import LOG_Z_FILE, LogZ
 from .objective import powerflow_loss
 from .prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
 from .trl_seams import (
+    VLM_ERROR,
     LogZGradientCallback,
     attribute_set_to,
-    check_dataset,
+    check_inputs,
     constant,
     last_complete_checkpoint,
     no_reward,
@@ -97,7 +98,7 @@ class PowerFlowTrainer(GRPOTrainer):
                 f"`args` must be a `PowerFlowConfig`, got `{type(args).__name__}`. Replace `GRPOConfig(...)` by "
                 "`PowerFlowConfig(...)`: it accepts every GRPOConfig argument."
             )
-        check_dataset(kwargs.get("train_dataset"), kwargs.get("processing_class"))
+        check_inputs(kwargs.get("train_dataset"), kwargs.get("processing_class"))
 
         # TRL rebuilds a full fine-tuning reference from `config._name_or_path`, which a model passed as an object may
         # lack or no longer match: freeze a copy of the object itself instead.
@@ -117,11 +118,8 @@ class PowerFlowTrainer(GRPOTrainer):
             self.reward_weights = torch.ones(0)
         if in_memory_base is not None:
             self.ref_model = prepare_in_memory_base(self, in_memory_base)
-        if self._is_vlm:
-            raise ValueError(
-                "PowerFlowTrainer does not support vision-language models yet: its policy pass would score the "
-                "completions without the images the base model saw. Use a text-only model."
-            )
+        if self._is_vlm:  # a processor loaded by TRL from the model (one passed in is refused in `check_inputs`)
+            raise ValueError(VLM_ERROR)
 
         self.log_z = None  # log_z_estimator="group": estimated in `_compute_loss`, nothing to learn or save
         if args.log_z_estimator == "learned":

@@ -13,7 +13,8 @@ TRL code each relies on.
   gradients and `model.zero_grad()` skips it.
 - `constant`: the learned head's learning-rate factor, replacing the policy's schedule for its parameter group.
 - `last_complete_checkpoint`: Trainer resumes from the highest-numbered checkpoint, even one a crash left half-written.
-- `check_dataset`: GRPO rejects a dataset without prompts only at the first step, after loading the model.
+- `check_inputs`: GRPO rejects a dataset without prompts only at the first step, after loading the model, and
+  accepts a vision-language processor whose images the policy pass would drop.
 """
 
 import contextlib
@@ -22,7 +23,7 @@ import re
 
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
+from transformers import ProcessorMixin, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import logging
 from trl.data_utils import is_conversational
@@ -104,8 +105,16 @@ def last_complete_checkpoint(output_dir: str, with_log_z: bool = True) -> str | 
     return None
 
 
-def check_dataset(dataset, processing_class):
-    """Fail before any model is loaded on a dataset GRPO would only reject at the first step."""
+VLM_ERROR = (
+    "PowerFlowTrainer does not support vision-language models yet: its policy pass would score the completions "
+    "without the images the base model saw. Use a text-only model and its tokenizer."
+)
+
+
+def check_inputs(dataset, processing_class):
+    """Fail before any model is loaded on inputs GRPO would only reject at the first step (or not at all)."""
+    if isinstance(processing_class, ProcessorMixin):
+        raise ValueError(VLM_ERROR)
     if not isinstance(dataset, Dataset):
         return
     if "prompt" not in dataset.column_names:
