@@ -271,7 +271,7 @@ class PowerFlowTrainer(GRPOTrainer):
                 out = shared_prefix_logps(
                     model, self.accelerator.unwrap_model(model), ids, mask, logits_to_keep, compute_entropy
                 )
-            if out is None:  # every prompt of the chunk is distinct: nothing to share
+            if out is None:  # distinct or short prompts: nothing worth sharing
                 out = super()._get_per_token_logps_and_entropies(
                     model, ids, mask, logits_to_keep, compute_entropy=compute_entropy
                 )[:2]
