@@ -1,9 +1,10 @@
 """A prompt's samples, kept together: who belongs to which prompt, and a shuffle that does not scatter them.
 
 PowerFlow's log Z'(x) is a function of the prompt alone, so the samples of one prompt form a group: the group estimate
-of log Z needs them in the same micro-batch, and prefix sharing computes the prompt once for all of them. TRL shuffles a generation batch sample by sample before cutting it into
-micro-batches; `shuffle_groups` shuffles whole groups instead, so each micro-batch holds whole groups whenever
-`per_device_train_batch_size` is a multiple of `num_generations`.
+of log Z needs them in the same micro-batch, and prefix sharing computes the prompt once for all of them. TRL
+shuffles a generation batch sample by sample before cutting it into micro-batches; `shuffle_groups` shuffles whole
+groups instead, so each micro-batch holds whole groups whenever `per_device_train_batch_size` is a multiple of
+`num_generations`.
 """
 
 import torch
