@@ -87,7 +87,8 @@ def powerflow_loss(
     # Padding may hold anything (even -inf from the base model): zero it before summing.
     policy_sum = torch.where(mask.bool(), policy_logps, 0.0).sum(-1)
     base_sum = torch.where(mask.bool(), base_logps, 0.0).sum(-1)
-    scale = lengths.clamp(min=1.0) if length_normalization else torch.ones_like(lengths)
+    tokens = lengths.clamp(min=1.0)
+    scale = tokens if length_normalization else torch.ones_like(lengths)
     policy_term, base_term = policy_sum / scale, base_sum / scale
     psi = torch.zeros_like(policy_term) if psi is None else psi.to(policy_term.dtype)
     # t: the log Z' that zeroes this sample's residual, r = log Z' − t
@@ -96,7 +97,7 @@ def powerflow_loss(
     if old_logps is None:
         log_ratio = torch.zeros_like(policy_term)
     else:
-        log_ratio = torch.where(mask.bool(), policy_logps.detach() - old_logps, 0.0).sum(-1) / lengths.clamp(min=1.0)
+        log_ratio = torch.where(mask.bool(), policy_logps.detach() - old_logps, 0.0).sum(-1) / tokens
     raw_weight = torch.exp(log_ratio)
     importance_weight = raw_weight.clamp(1 - epsilon_low, 1 + epsilon_high)
     is_clipped = (raw_weight < 1 - epsilon_low) | (raw_weight > 1 + epsilon_high)
@@ -118,8 +119,8 @@ def powerflow_loss(
         is_clipped=is_clipped & valid,
         valid=valid,
         log_z=torch.where(valid, log_z.detach(), 0.0),
-        policy_logps=(policy_sum / lengths.clamp(min=1.0)).detach(),
-        base_logps=base_sum / lengths.clamp(min=1.0),
+        policy_logps=(policy_sum / tokens).detach(),
+        base_logps=base_sum / tokens,
         lengths=lengths,
     )
 

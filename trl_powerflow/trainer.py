@@ -239,17 +239,16 @@ class PowerFlowTrainer(GRPOTrainer):
         # transformers' generate: each distinct prompt prefilled once (see `prefix_sharing.py`). vLLM caches prefixes
         # itself; transformers' continuous batching has its own cache.
         model = self.accelerator.unwrap_model(self.model)
-        if not self.args.prefix_sharing or self.use_vllm or self.args.use_transformers_continuous_batching:
-            return super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
-            )
-        model.generate = partial(generate_from_shared_prefill, model, type(model).generate.__get__(model))
+        share = self.args.prefix_sharing and not self.use_vllm and not self.args.use_transformers_continuous_batching
+        if share:
+            model.generate = partial(generate_from_shared_prefill, model, type(model).generate.__get__(model))
         try:
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
             )
         finally:
-            del model.generate
+            if share:
+                del model.generate
 
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs

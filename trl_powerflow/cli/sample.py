@@ -44,8 +44,7 @@ def sample_command(args: SampleArguments) -> list[list[str]]:
     name = args.model_name_or_path
     _check_model_path(name)
     if not has_accelerator() and "OMP_NUM_THREADS" not in os.environ and len(args.prompt) * args.num_samples <= 16:
-        # A few sequences at a time: one CPU thread generates as fast as two on an idle machine and 3x faster on a
-        # busy one (measured with SmolLM2-135M, 2 cores)
+        # A few sequences at a time: one CPU thread generates no slower than two, and much faster on a busy machine
         torch.set_num_threads(1)
     try:
         completions = sample(
