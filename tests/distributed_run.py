@@ -1,5 +1,6 @@
 """Train a tiny model for a few steps; launched by tests/test_distributed.py with 1 or 2 processes (torchrun)."""
 
+import json
 import os
 import sys
 
@@ -24,6 +25,9 @@ def main(output_dir, per_device_batch_size, estimator):
         # SGD and a residual far from zero: Adam would turn float rounding in near-zero gradients into full steps
         optim="sgd",
         log_z_estimator=estimator,
+        # The group run also adapts alpha to an entropy target: every process must keep the same alpha
+        target_entropy_ratio=0.5 if estimator == "group" else None,
+        alpha_step_size=0.5,
         log_z_init="zero",
         log_z_learning_rate=1e-2,
         # Greedy decoding: both runs see the same completions, so only the training arithmetic is compared
@@ -37,6 +41,8 @@ def main(output_dir, per_device_batch_size, estimator):
     rank = trainer.accelerator.process_index
     if trainer.log_z is not None:
         torch.save(trainer.log_z.state_dict(), os.path.join(output_dir, f"log_z_rank{rank}.pt"))
+    with open(os.path.join(output_dir, f"alpha_rank{rank}.json"), "w") as f:
+        json.dump([log["powerflow/alpha"] for log in trainer.state.log_history if "powerflow/alpha" in log], f)
     with open(os.path.join(output_dir, f"should_save_rank{rank}.txt"), "w") as f:
         f.write(str(trainer.args.should_save))
 

@@ -1,6 +1,7 @@
 """Exact sequence distributions of a tiny model, by enumerating every completion of at most `max_length` tokens."""
 
 import itertools
+import math
 
 import torch
 
@@ -50,3 +51,22 @@ def trajectory_target(base_logps, alpha):
 
 def total_variation(p, q):
     return 0.5 * (p - q).abs().sum().item()
+
+
+def mean_token_entropy(probs, completions):
+    """
+    E_q[Σ_t H(q(·|y<t))] / E_q[|y|]: the mean entropy of the next-token distributions along the sequences q samples,
+    token-weighted as TRL averages it, for a distribution `probs` over every completion in `completions`.
+    """
+    prefix_mass = {}
+    for p, completion in zip(probs.tolist(), completions, strict=True):
+        for t in range(len(completion) + 1):
+            prefix_mass[completion[:t]] = prefix_mass.get(completion[:t], 0.0) + p
+    entropy = {prefix: 0.0 for prefix in prefix_mass}  # of the next token after each prefix
+    for child, mass in prefix_mass.items():
+        if child and mass > 0:
+            share = mass / prefix_mass[child[:-1]]
+            entropy[child[:-1]] -= share * math.log(share)
+    pairs = list(zip(probs.tolist(), completions, strict=True))
+    tokens = sum(p * len(c) for p, c in pairs)
+    return sum(p * sum(entropy[c[:t]] for t in range(len(c))) for p, c in pairs) / tokens

@@ -1,5 +1,6 @@
 """Two CPU processes (torchrun, gloo) train like one process with the same global batch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, es
     assert (tmp_path / "two" / "should_save_rank0.txt").read_text() == "True"
     assert (tmp_path / "two" / "should_save_rank1.txt").read_text() == "False"
     files = ["model.safetensors"]
+    alphas = {run: json.loads((tmp_path / run / "alpha_rank0.json").read_text()) for run in ("one", "two")}
+    assert json.loads((tmp_path / "two" / "alpha_rank1.json").read_text()) == alphas["two"]  # one alpha everywhere
+    assert alphas["two"] == pytest.approx(alphas["one"], rel=1e-5)
+    if estimator == "group":  # the entropy-targeted run: alpha moved
+        assert len(set(alphas["one"])) == 3
     if estimator == "learned":
         # log Z gradients are averaged across processes: both copies of the head stay identical
         rank0 = torch.load(tmp_path / "two" / "log_z_rank0.pt")

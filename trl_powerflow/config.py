@@ -25,6 +25,19 @@ class PowerFlowConfig(GRPOConfig):
             Anneal the power: α goes linearly from 1 (the base model itself, where the loss is zero) at step 0 to
             `alpha` at this optimizer step, then stays there, as GFlowNet practice anneals its reward temperature.
             `0` trains at `alpha` from the start.
+        target_entropy_ratio (`float` or `None`, *optional*, defaults to `None`):
+            Adapt α during training instead of fixing it: α starts at `alpha` and moves (a dual update on log α, see
+            [`AlphaController`]) until the policy's mean token entropy on its own samples is this fraction of the base
+            model's, measured on the first step. Below 1 sharpens, above 1 flattens. `None` keeps α fixed.
+        target_entropy (`float` or `None`, *optional*, defaults to `None`):
+            The same with an absolute target, in nats per token. Set at most one of the two.
+        alpha_min (`float`, *optional*, defaults to `0.25`):
+            Entropy-targeted α only: the lowest α the controller may reach.
+        alpha_max (`float`, *optional*, defaults to `16.0`):
+            Entropy-targeted α only: the highest α the controller may reach.
+        alpha_step_size (`float`, *optional*, defaults to `0.1`):
+            Entropy-targeted α only: the change of log α per optimizer step for an entropy 100% off its target
+            (proportional below that).
         length_normalization (`bool`, *optional*, defaults to `True`):
             Divide the TB residual by the completion length (the PowerFlow objective, whose fixed point is the
             α-power tilted on length). `False` gives plain trajectory TB, whose target `p_base^alpha / Z` collapses
@@ -77,6 +90,26 @@ class PowerFlowConfig(GRPOConfig):
         default=0,
         metadata={
             "help": "Optimizer steps over which alpha goes linearly from 1 to `alpha` (0: `alpha` from the start)."
+        },
+    )
+    target_entropy_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Adapt alpha so that the policy's mean token entropy becomes this fraction of the base model's "
+            "(< 1 sharpens, > 1 flattens); `alpha` is then the starting value. None keeps alpha fixed."
+        },
+    )
+    target_entropy: float | None = field(
+        default=None,
+        metadata={"help": "Adapt alpha towards this absolute mean token entropy (nats per token) instead."},
+    )
+    alpha_min: float = field(default=0.25, metadata={"help": "Lowest alpha of the entropy-targeted controller."})
+    alpha_max: float = field(default=16.0, metadata={"help": "Highest alpha of the entropy-targeted controller."})
+    alpha_step_size: float = field(
+        default=0.1,
+        metadata={
+            "help": "Change of log(alpha) per optimizer step for an entropy 100% off its target (entropy-targeted "
+            "alpha only)."
         },
     )
     length_normalization: bool = field(
@@ -146,6 +179,7 @@ class PowerFlowConfig(GRPOConfig):
             )
         if not (isinstance(self.alpha_warmup_steps, int) and self.alpha_warmup_steps >= 0):
             raise ValueError(f"`alpha_warmup_steps` must be an integer >= 0, got {self.alpha_warmup_steps!r}.")
+        self._check_entropy_target()
         if self.temperature != 1.0:
             raise ValueError(
                 f"`temperature` must be 1.0 for PowerFlow, got {self.temperature}: the TB residual needs untempered "
@@ -202,3 +236,28 @@ class PowerFlowConfig(GRPOConfig):
                 f"The importance weight is clipped to [1 - epsilon, 1 + epsilon_high]: need 0 <= epsilon < 1 and "
                 f"epsilon_high >= 0, got epsilon={self.epsilon}, epsilon_high={self.epsilon_high}."
             )
+
+    def _check_entropy_target(self):
+        ratio, absolute = self.target_entropy_ratio, self.target_entropy
+        if ratio is None and absolute is None:
+            return
+        if ratio is not None and absolute is not None:
+            raise ValueError(
+                f"Set one of `target_entropy_ratio` ({ratio}) and `target_entropy` ({absolute}), not both."
+            )
+        for name, value in [("target_entropy_ratio", ratio), ("target_entropy", absolute)]:
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+        if self.alpha_warmup_steps:
+            raise ValueError(
+                "`alpha_warmup_steps` and an entropy target both set alpha during training: use one. The entropy "
+                "target starts at `alpha` (e.g. alpha=1.0 to start from the base model's own distribution)."
+            )
+        if not 0 < self.alpha_min <= self.alpha <= self.alpha_max:
+            raise ValueError(
+                f"The entropy-targeted alpha starts at `alpha` and stays in [alpha_min, alpha_max]: need "
+                f"0 < alpha_min <= alpha <= alpha_max, got alpha_min={self.alpha_min}, alpha={self.alpha}, "
+                f"alpha_max={self.alpha_max}."
+            )
+        if not self.alpha_step_size > 0:
+            raise ValueError(f"`alpha_step_size` must be > 0, got {self.alpha_step_size}: alpha would never move.")

@@ -13,6 +13,7 @@ from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id, split_tensor_dict
 
+from .alpha import AlphaController
 from .callbacks import repeated_ngram_rate
 from .config import PowerFlowConfig
 from .groups import prompt_groups, shuffle_groups
@@ -133,6 +134,17 @@ class PowerFlowTrainer(GRPOTrainer):
             if args.log_z_init == "zero":
                 self.log_z.start_at(0.0)
             self.add_callback(LogZGradientCallback(self.log_z, self.accelerator))
+        self.add_callback(
+            AlphaController(
+                args.alpha,
+                warmup_steps=args.alpha_warmup_steps,
+                target_entropy_ratio=args.target_entropy_ratio,
+                target_entropy=args.target_entropy,
+                alpha_min=args.alpha_min,
+                alpha_max=args.alpha_max,
+                step_size=args.alpha_step_size,
+            )
+        )
         self._non_finite_batches = 0
 
     def create_optimizer(self, model=None):
@@ -321,12 +333,14 @@ class PowerFlowTrainer(GRPOTrainer):
         self._log_metrics(out, entropies, mask, mode)
         return loss
 
+    @property
+    def alpha_controller(self) -> AlphaController:
+        # Looked up, not kept: with `restore_callback_states_from_checkpoint`, Trainer replaces the instance on resume
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, AlphaController))
+
     def current_alpha(self) -> float:
-        """α at this optimizer step: linear from 1 to `alpha` over `alpha_warmup_steps`, then `alpha`."""
-        warmup = self.args.alpha_warmup_steps
-        if warmup == 0:
-            return self.args.alpha
-        return 1.0 + (self.args.alpha - 1.0) * min(1.0, self.state.global_step / warmup)
+        """α at this optimizer step (fixed, warming up, or entropy-targeted: see [`AlphaController`])."""
+        return self.alpha_controller.alpha(self.state.global_step)
 
     def _learned_log_z(self, objective, model, prompt_ids, prompt_mask, mode):
         """log Z'(x) from the head, started at the first training batch (the data-driven start)."""
@@ -374,6 +388,11 @@ class PowerFlowTrainer(GRPOTrainer):
         self._metrics[mode]["entropy"].append(sums["entropy"] / max(sums["tokens"], 1.0))
         if mode != "train":
             return
+        controller = self.alpha_controller
+        if controller.adaptive:
+            controller.observe(sums["entropy"], sums["tokens"])
+            if controller.target() is not None:
+                self._metrics[mode]["powerflow/target_entropy"].append(controller.target())
         # Non-finite rows are left out of the loss; a training batch with nothing else to learn from is a problem
         self._non_finite_batches = self._non_finite_batches + 1 if sums["valid"] == 0 and sums["non_finite"] else 0
         if self._non_finite_batches >= _MAX_NON_FINITE_BATCHES:
@@ -402,6 +421,9 @@ class PowerFlowTrainer(GRPOTrainer):
     def _load_optimizer_and_scheduler(self, checkpoint):
         # Called on resume by every backend (unlike `_load_from_checkpoint`, which DeepSpeed and FSDP bypass)
         super()._load_optimizer_and_scheduler(checkpoint)
+        alpha_state = self.state.stateful_callbacks.get(AlphaController.__name__) if checkpoint is not None else None
+        if alpha_state:  # Trainer restores callbacks only with `restore_callback_states_from_checkpoint`: α always is
+            self.alpha_controller.restore(alpha_state)
         if checkpoint is not None and self.log_z is not None:
             if not os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE)):
                 raise FileNotFoundError(
