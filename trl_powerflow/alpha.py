@@ -16,10 +16,12 @@ class AlphaController(TrainerCallback, ExportableState):
       on log α, as soft actor-critic adapts its temperature, so that the policy's mean token entropy H on its own
       samples moves to the target H*:
 
-          log α ← clip(log α + step_size · (H − H*) / H*,  log alpha_min,  log alpha_max)
+          log α ← clip(log α + step_size · log(H / H*),  log alpha_min,  log alpha_max)
 
       Too much entropy raises α (sharper target), too little lowers it. At rest H = H*: α is the power whose target
-      has the requested entropy, as far as the policy tracks its target. With `target_entropy_ratio`,
+      has the requested entropy, as far as the policy tracks its target. The error is a log-ratio because entropies
+      span orders of magnitude: twice and half the target move α by the same amount, so the policy's lag behind α
+      (an entropy still far above the target for some steps) cannot wind log α up without bound. With `target_entropy_ratio`,
       H* = ratio · H_base, where H_base is the entropy measured on the first optimizer step, while the policy is
       still the base model.
 
@@ -83,8 +85,8 @@ class AlphaController(TrainerCallback, ExportableState):
         if self.target_entropy is None and self.base_entropy is None:
             self.base_entropy = entropy
         target = self.target()
-        if target > 0:
-            step = self.step_size * (entropy - target) / target
+        if target > 0 and entropy > 0:
+            step = self.step_size * math.log(entropy / target)
             self.log_alpha = min(max(self.log_alpha + step, math.log(self.alpha_min)), math.log(self.alpha_max))
 
     def state(self) -> dict:

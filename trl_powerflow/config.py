@@ -36,8 +36,8 @@ class PowerFlowConfig(GRPOConfig):
         alpha_max (`float`, *optional*, defaults to `16.0`):
             Entropy-targeted α only: the highest α the controller may reach.
         alpha_step_size (`float`, *optional*, defaults to `0.1`):
-            Entropy-targeted α only: the change of log α per optimizer step for an entropy 100% off its target
-            (proportional below that).
+            Entropy-targeted α only: the change of log α per optimizer step is `alpha_step_size · log(H / H*)`, for
+            the policy's entropy H and the target H*.
         length_normalization (`bool`, *optional*, defaults to `True`):
             Divide the TB residual by the completion length (the PowerFlow objective, whose fixed point is the
             α-power tilted on length). `False` gives plain trajectory TB, whose target `p_base^alpha / Z` collapses
@@ -108,8 +108,7 @@ class PowerFlowConfig(GRPOConfig):
     alpha_step_size: float = field(
         default=0.1,
         metadata={
-            "help": "Change of log(alpha) per optimizer step for an entropy 100% off its target (entropy-targeted "
-            "alpha only)."
+            "help": "Entropy-targeted alpha: log(alpha) changes by alpha_step_size * log(entropy / target) per step."
         },
     )
     length_normalization: bool = field(
