@@ -20,10 +20,10 @@ class AlphaController(TrainerCallback, ExportableState):
 
       Too much entropy raises α (sharper target), too little lowers it. At rest H = H*: α is the power whose target
       has the requested entropy, as far as the policy tracks its target. The error is a log-ratio because entropies
-      span orders of magnitude: twice and half the target move α by the same amount, so the policy's lag behind α
-      (an entropy still far above the target for some steps) cannot wind log α up without bound. With `target_entropy_ratio`,
-      H* = ratio · H_base, where H_base is the entropy measured on the first optimizer step, while the policy is
-      still the base model.
+      span orders of magnitude: twice and half the target move α by the same amount, and an entropy still far above
+      the target while the policy lags behind α winds log α up less than a relative error would. With
+      `target_entropy_ratio`, H* = ratio · H_base, where H_base is the entropy measured on the first optimizer step,
+      while the policy is still the base model.
 
     The trainer reports each training micro-batch's entropy with [`observe`] (sums already reduced over processes,
     so α is the same on every process); α changes at the end of each optimizer step. Its state is saved in
