@@ -90,8 +90,10 @@ def train_one(
     reward_funcs=None,
     callbacks=None,
     log_z_estimator=None,
+    **powerflow_config,
 ):
     """Trains one configuration with LoRA on the CPU; `kind` is "powerflow" or "grpo" (TRL's GRPOTrainer).
+    `powerflow_config` goes to `PowerFlowConfig` (e.g. `target_entropy_ratio`).
 
     Returns `(trainer, train_seconds)`; `trainer.model` is the trained (PEFT) model, ready for evaluation.
     """
@@ -132,6 +134,7 @@ def train_one(
             log_z_estimator=log_z_estimator or args.log_z_estimator,
             log_z_learning_rate=args.log_z_learning_rate,
             **common,
+            **powerflow_config,
         )
         trainer = PowerFlowTrainer(model_path, reward_funcs=reward_funcs, args=config, **kwargs)
     elif kind == "grpo":
@@ -141,6 +144,18 @@ def train_one(
     start = time.perf_counter()
     trainer.train()
     return trainer, time.perf_counter() - start
+
+
+def powered_start_model(model_path, tokenizer, train, args, alpha, steps, seed, max_completion_length):
+    """A start model of another sharpness: `steps` steps of PowerFlow `alpha` from `model_path`, merged and saved to a
+    scratch directory. Returns `(path, train_seconds)`."""
+    trainer, seconds = train_one(
+        "powerflow", model_path, tokenizer, train, args, steps, max_completion_length, seed, alpha=alpha
+    )
+    path = tempfile.mkdtemp(prefix=f"bench-start-alpha{alpha:g}-")
+    trainer.model.merge_and_unload().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, seconds
 
 
 def evaluate_capitals(model, tokenizer, test, args, seed, temperature=1.0, batch_size=64, progress=True) -> dict:

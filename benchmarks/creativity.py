@@ -27,7 +27,6 @@ Example:
 import argparse
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -101,26 +100,6 @@ def measure(samples, prompts, kinds, judge, judge_tokenizer):
     }
 
 
-def sharpen(model_path, tokenizer, train, args):
-    """An over-sharpened start: PowerFlow alpha = --sharpen_alpha for --sharpen_steps steps, merged and saved."""
-    trainer, seconds = common.train_one(
-        "powerflow",
-        model_path,
-        tokenizer,
-        train,
-        args,
-        args.sharpen_steps,
-        args.max_completion_length,
-        args.seeds[0],
-        alpha=args.sharpen_alpha,
-    )
-    path = tempfile.mkdtemp(prefix="bench-sharpened-")
-    trainer.model.merge_and_unload().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    del trainer
-    return path, seconds
-
-
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
@@ -142,7 +121,16 @@ def main(argv=None):
     start_path, sharpen_seconds = args.start_from or judge_path, None
     if args.sharpen_steps:
         print(f"\n=== sharpening: alpha={args.sharpen_alpha:g}, {args.sharpen_steps} steps ===", flush=True)
-        start_path, sharpen_seconds = sharpen(judge_path, tokenizer, train, args)
+        start_path, sharpen_seconds = common.powered_start_model(
+            judge_path,
+            tokenizer,
+            train,
+            args,
+            args.sharpen_alpha,
+            args.sharpen_steps,
+            args.seeds[0],
+            args.max_completion_length,
+        )
     start = judge if start_path == judge_path else load_model_and_tokenizer(start_path)[0]
 
     results = {row: [] for row in args.rows}

@@ -1,0 +1,221 @@
+"""α without hand-tuning: does one entropy target land where the best fixed α does, from starts of any sharpness?
+
+Three start models of different sharpness: the embedded model itself (`base`), a flatter one (`flat`: PowerFlow
+α = 0.5 for --start_steps steps, merged) and a sharper one (`sharp`: α = 2 likewise). From each (PowerFlow's base is
+then that start model), on the capitals elicitation task (train on unlabeled train-split questions, avg@k at T=1 on
+held-out test-split questions):
+
+- fixed α in --alphas: the sweep a user with labels would run, to find the best α per start model;
+- `entropy`: the entropy-targeted α (`target_entropy_ratio` = --target_entropy_ratio, one setting for every start
+  model), starting at α = 1 (the start model itself).
+
+The table gives per start model the best fixed α and its accuracy, the α the controller ended at and its accuracy,
+and their difference with a 95% bootstrap interval over questions.
+
+Example (the README's run, one process per seed, then the combined table):
+
+    python benchmarks/alpha_selection.py --seeds 0 --name alpha_selection_seed0
+    python benchmarks/alpha_selection.py --seeds 1 --name alpha_selection_seed1
+    python benchmarks/alpha_selection.py --combine alpha_selection_seed0 alpha_selection_seed1 --name alpha_selection
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+START_ALPHAS = {"base": None, "flat": 0.5, "sharp": 2.0}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_arguments(p)
+    p.add_argument("--start_models", nargs="+", default=list(START_ALPHAS), choices=list(START_ALPHAS))
+    p.add_argument("--start_steps", type=int, default=20, help="Steps of the runs that make the flat/sharp starts.")
+    p.add_argument("--alphas", nargs="+", type=float, default=[1.5, 2.0, 4.0, 8.0], help="The fixed-alpha sweep.")
+    p.add_argument("--target_entropy_ratio", type=float, default=0.25, help="The one target of the entropy rows.")
+    p.add_argument("--alpha_step_size", type=float, default=0.1, help="Step size of the entropy-targeted alpha.")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="Seeds (training and sampling).")
+    p.add_argument("--max_steps", type=int, default=20, help="Training steps of each row.")
+    p.add_argument("--max_completion_length", type=int, default=12, help="Longest completion.")
+    p.add_argument("--num_eval_prompts", type=int, default=40, help="Held-out questions (test split).")
+    p.add_argument("--k", type=int, default=8, help="Samples per held-out question (avg@k).")
+    p.add_argument("--eval_batch_size", type=int, default=64, help="Sequences per forward pass in evaluation.")
+    p.add_argument("--combine", nargs="+", default=None, help="Result folders to merge into one table (no run).")
+    args = p.parse_args(argv)
+    args.name = args.name or "alpha_selection"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.time()
+    if args.combine:
+        results = {}
+        for name in args.combine:
+            part = json.loads((common.results_dir(name) / "results.json").read_text())["results"]
+            for start, rows in part.items():
+                for row, runs in rows.items():
+                    results.setdefault(start, {}).setdefault(row, []).extend(runs)
+        write(args, results, started, final=True)
+        return
+
+    model_path, base, tokenizer = common.load_base_model(args)
+    from trl_powerflow.evaluation import load_model_and_tokenizer
+    from trl_powerflow.prompt_sets import load_prompt_set
+
+    train = load_prompt_set("capitals", split="train", kinds=["capital"]).select_columns(["prompt"])
+    test = load_prompt_set("capitals", split="test", kinds=["capital"])
+    test = test.select(range(min(args.num_eval_prompts, len(test))))
+    rows = [f"alpha{alpha:g}" for alpha in args.alphas] + ["entropy"]
+    results = {start: {row: [] for row in ["start", *rows]} for start in args.start_models}
+    for start in args.start_models:
+        start_path, start_model = model_path, base
+        if START_ALPHAS[start] is not None:
+            print(
+                f"\n=== start model {start}: alpha={START_ALPHAS[start]:g}, {args.start_steps} steps ===", flush=True
+            )
+            start_path, _ = common.powered_start_model(
+                model_path,
+                tokenizer,
+                train,
+                args,
+                START_ALPHAS[start],
+                args.start_steps,
+                0,
+                args.max_completion_length,
+            )
+            start_model = load_model_and_tokenizer(start_path)[0]
+        for seed in args.seeds:
+            r = common.evaluate_capitals(start_model, tokenizer, test, args, seed, batch_size=args.eval_batch_size)
+            results[start]["start"].append(r)
+            for row in rows:
+                print(f"\n=== {start}, seed {seed}: {row} ===", flush=True)
+                if row == "entropy":
+                    config = dict(alpha=1.0, target_entropy_ratio=args.target_entropy_ratio)
+                    config.update(alpha_step_size=args.alpha_step_size)
+                else:
+                    config = dict(alpha=float(row[len("alpha") :]))
+                trainer, seconds = common.train_one(
+                    "powerflow", start_path, tokenizer, train, args, args.max_steps, args.max_completion_length, seed,
+                    **config,
+                )  # fmt: skip
+                r = common.evaluate_capitals(
+                    trainer.model, tokenizer, test, args, seed, batch_size=args.eval_batch_size
+                )
+                logs = [log for log in trainer.state.log_history if "entropy" in log]
+                r.update(
+                    final_alpha=trainer.current_alpha(),
+                    first_entropy=logs[0]["entropy"],
+                    final_entropy=logs[-1]["entropy"],
+                    train_seconds=seconds,
+                    log_history=trainer.state.log_history,
+                )
+                del trainer
+                results[start][row].append(r)
+                print(
+                    f"{start} {row} seed {seed}: avg@{args.k} {r['avg_at_k']:.3f}, "
+                    f"final alpha {r['final_alpha']:.2f}, entropy {r['first_entropy']:.2f} -> "
+                    f"{r['final_entropy']:.2f}, train {seconds:.0f}s",
+                    flush=True,
+                )
+                write(args, results, started)  # partial results survive an interrupted run
+    write(args, results, started, final=True)
+
+
+def write(args, results, started, final=False):
+    k = args.k
+    headers = [
+        "start model",
+        f"start avg@{k} (%)",
+        *[f"α={alpha:g} (%)" for alpha in args.alphas],
+        "best fixed α",
+        "entropy-targeted: final α",
+        f"entropy-targeted avg@{k} (%)",
+        "entropy-targeted − best fixed (points, 95% CI)",
+    ]
+    table_rows, fixed_rows = [], [f"alpha{alpha:g}" for alpha in args.alphas]
+    for start, rows in results.items():
+        done = {row: runs for row, runs in rows.items() if runs}
+        fixed = {row: done[row] for row in fixed_rows if row in done}
+        cells = [common.fmt([r["avg_at_k"] for r in done[row]], 100) if row in done else "-" for row in fixed_rows]
+        best = max(fixed, key=lambda row: sum(r["avg_at_k"] for r in fixed[row]) / len(fixed[row]), default=None)
+        entropy = done.get("entropy")
+        difference = "-"
+        if best and entropy and len(entropy) == len(fixed[best]):
+            mean, low, high = common.paired_difference(entropy, fixed[best])
+            difference = f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+        table_rows.append(
+            [
+                start,
+                common.fmt([r["avg_at_k"] for r in done["start"]], 100) if "start" in done else "-",
+                *cells,
+                best[len("alpha") :] if best else "-",
+                common.fmt([r["final_alpha"] for r in entropy], 1, 2) if entropy else "-",
+                common.fmt([r["avg_at_k"] for r in entropy], 100) if entropy else "-",
+                difference,
+            ]
+        )
+    table = common.markdown_table(headers, table_rows)
+    seeds = sorted({seed for seed in getattr(args, "seeds", [])})
+    notes = (
+        f"Start models: the embedded model (base), and after {args.start_steps} steps of PowerFlow alpha=0.5 (flat) "
+        f"or alpha=2 (sharp), merged. Each row trains {args.max_steps} steps x {args.prompts_per_step} prompts x "
+        f"{args.num_generations} samples from its start model (its PowerFlow base), max {args.max_completion_length} "
+        f"new tokens, LoRA r={args.lora_r}, lr {args.learning_rate}, log Z estimator {args.log_z_estimator}. "
+        f"Entropy-targeted rows: target_entropy_ratio={args.target_entropy_ratio}, alpha starting at 1, step size "
+        f"{args.alpha_step_size}. Held-out: first {args.num_eval_prompts} test-split capital questions, {k} samples "
+        f"each at T=1 (matcher 'contains'). Spread = half the range over seeds"
+        + (f" ({', '.join(map(str, seeds))})" if seeds and not args.combine else "")
+        + "; the interval is a bootstrap over questions of the per-question accuracy averaged over seeds.\n\n"
+        + entropy_lines(results)
+    )
+    common.write_results(args, table, results, notes, started, _plot, final)
+
+
+def entropy_lines(results) -> str:
+    """Mean token entropy (nats) at the first and last logged step of every trained row, per start model."""
+    lines = ["Mean token entropy of the policy on its samples, first logged step -> last (mean over seeds):", ""]
+    for start, rows in results.items():
+        cells = [
+            f"{row}: {sum(r['first_entropy'] for r in runs) / len(runs):.2f} -> "
+            f"{sum(r['final_entropy'] for r in runs) / len(runs):.2f}"
+            for row, runs in rows.items()
+            if runs and row != "start"
+        ]
+        lines.append(f"- {start}: " + "; ".join(cells))
+    return "\n".join(lines)
+
+
+def _plot(args, results):
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for start, rows in results.items():
+        points = [(alpha, rows.get(f"alpha{alpha:g}")) for alpha in args.alphas]
+        points = [(alpha, sum(r["avg_at_k"] for r in runs) / len(runs) * 100) for alpha, runs in points if runs]
+        if points:
+            line = ax.plot(*zip(*points, strict=True), marker="o", label=f"{start}: fixed α")[0]
+        entropy = rows.get("entropy")
+        if entropy:
+            alpha = sum(r["final_alpha"] for r in entropy) / len(entropy)
+            accuracy = sum(r["avg_at_k"] for r in entropy) / len(entropy) * 100
+            ax.plot([alpha], [accuracy], marker="*", markersize=14, color=line.get_color() if points else None,
+                    linestyle="none", label=f"{start}: entropy-targeted (final α)")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("α")
+    ax.set_ylabel(f"avg@{args.k} (%) on held-out capitals")
+    ax.set_title("Fixed α sweep and the entropy-targeted α, per start model")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(common.results_dir(args.name) / "alpha_selection.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
