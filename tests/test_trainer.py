@@ -547,6 +547,16 @@ def test_residual_metrics_have_exact_values(tmp_path, tokenizer):
     assert metrics["powerflow/base_logp"] == pytest.approx(-0.75)
     assert metrics["powerflow/non_finite_sequences"] == 0.0
 
+    # A row whose base log-prob is -inf (a token the base model cannot produce) is left out of every mean
+    base_with_inf = torch.cat([base, torch.tensor([[float("-inf"), -1.0]])])
+    policy, mask = torch.cat([policy, policy[:1]]), torch.cat([mask, mask[:1]])
+    out = powerflow_loss(policy, base_with_inf, mask, torch.tensor([1.0, -2.0, 5.0, 0.0]), alpha=2.0)
+    trainer._log_metrics(out, torch.zeros(4, 2), mask, "train")
+    after = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    for name in ["log_z", "residual_mean", "base_logp", "policy_logp", "completion_length"]:
+        assert after[f"powerflow/{name}"] == pytest.approx(metrics[f"powerflow/{name}"]), name
+    assert after["powerflow/non_finite_sequences"] == 1.0
+
 
 @pytest.mark.parametrize("estimator", ["group", "learned"])
 def test_a_head_started_far_from_its_target_lags_where_the_group_estimate_does_not(tmp_path, tokenizer, estimator):

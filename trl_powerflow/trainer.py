@@ -361,14 +361,18 @@ class PowerFlowTrainer(GRPOTrainer):
         """Means over the valid sequences of all processes, with one reduction."""
         valid = out.valid.float()
         residual = out.residual.detach()
-        per_sequence = {  # invalid rows are zero in these
-            "log_z": out.log_z,
+
+        def on_valid(value):  # where, not a product: a non-finite value times 0 is NaN
+            return torch.where(out.valid, value.detach(), 0.0)
+
+        per_sequence = {
+            "log_z": on_valid(out.log_z),
             "residual_mean": residual,  # signed: far from 0 and one-signed means log Z does not track its target
             "residual_abs": residual.abs(),
             "residual_sq": residual.square(),
-            "base_logp": out.base_logps * valid,  # mean per-token log-probs, whatever length_normalization
-            "policy_logp": out.policy_logps * valid,
-            "completion_length": out.lengths * valid,
+            "base_logp": on_valid(out.base_logps),  # mean per-token log-probs, whatever length_normalization
+            "policy_logp": on_valid(out.policy_logps),
+            "completion_length": on_valid(out.lengths),
             "clip_frac": out.is_clipped.float(),
         }
         counts = {
