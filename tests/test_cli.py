@@ -208,3 +208,57 @@ def test_demo_small(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "accuracy (avg@2)" in out and "mean completion length" in out and "Trained 1 steps" in out
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+# Launching on several processes: `accelerate launch`, as `trl grpo` does
+
+
+def test_launch_flags_go_to_accelerate_launch_and_the_rest_to_train(monkeypatch, tiny_model_dir, prompts_file):
+    import trl
+
+    from trl_powerflow.cli import launch, split_launch_arguments
+
+    argv = ["--accelerate_config", "zero3", "--num_processes", "8", "--model_name_or_path", tiny_model_dir]
+    argv += ["--dataset_name", prompts_file, "--alpha", "2"]
+    launch_args, train_argv = split_launch_arguments(make_train_parser(), argv)
+    zero3 = os.path.join(os.path.dirname(trl.__file__), "accelerate_configs", "zero3.yaml")
+    assert launch_args == ["--config_file", zero3, "--num_processes", "8"]  # TRL's shipped config, resolved by TRL
+    assert train_argv == ["--model_name_or_path", tiny_model_dir, "--dataset_name", prompts_file, "--alpha", "2"]
+
+    launched = []
+    launch(launch_args, train_argv, launch_command_fn=launched.append)
+    (args,) = launched
+    assert args.config_file == zero3 and args.num_processes == 8
+    assert args.module and args.training_script == "trl_powerflow.cli"
+    assert args.training_script_args == ["train", *train_argv]
+    assert "TRL_POWERFLOW_LAUNCHED" not in os.environ  # only the launched processes see it
+    # Without launch flags, training runs in this process
+    assert split_launch_arguments(make_train_parser(), train_argv) == ([], train_argv)
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--accelerate_config", "zero4"], "zero4 is neither a file nor a valid config"),
+        (["--num_processes", "2", "--alhpa", "2"], "unrecognized arguments: --alhpa"),
+    ],
+)
+def test_launch_errors_name_the_flag(capsys, tiny_model_dir, prompts_file, flags, match):
+    message = error_message(
+        capsys, ["train", "--model_name_or_path", tiny_model_dir, "--dataset_name", prompts_file, *flags]
+    )
+    assert match in message
+
+
+def test_train_on_two_processes_through_accelerate_launch(tiny_model_dir, prompts_file, tmp_path):
+    command = [sys.executable, "-m", "trl_powerflow.cli", "train", "--num_processes", "2", "--multi_gpu"]
+    command += ["--model_name_or_path", tiny_model_dir, "--dataset_name", prompts_file, "--prompt_column", "question"]
+    command += ["--output_dir", str(tmp_path / "out"), "--report_to", "none", "--logging_steps", "1"]
+    command += [*TRAIN_FLAGS[:-4], "--save_strategy", "steps", "--save_steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
+    # 8 prompts, a global batch of 2 processes × 4 samples = 2 prompts per step: a quarter epoch per step
+    assert [log["epoch"] for log in state["log_history"] if "loss" in log] == [0.25, 0.5]
+    assert (tmp_path / "out" / "model.safetensors").is_file()

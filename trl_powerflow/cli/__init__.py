@@ -21,6 +21,7 @@ from ..demo import DemoArguments
 from .common import PROG, CLIError, _parse
 from .data import PowerFlowScriptArguments, load_prompts
 from .evaluate import EvaluateArguments, evaluate_command, make_evaluate_parser
+from .launch import launch, split_launch_arguments
 from .sample import SampleArguments, make_sample_parser, sample_command
 from .train import make_train_parser, train
 
@@ -64,6 +65,10 @@ examples:
   {PROG} evaluate --model_name_or_path out --dataset_name capitals --dataset_kinds capital \\
       --answer_column answer --aliases_column aliases --matcher contains --max_new_tokens 12
   {PROG} demo --max_steps 10
+  {PROG} train --accelerate_config zero3 --num_processes 8 --dataset_name capitals --alpha 4 --output_dir out
+
+`train` also takes `accelerate launch` flags (--num_processes, --accelerate_config NAME|FILE with NAME one of
+TRL's multi_gpu, zero1, zero2, zero3, fsdp1, fsdp2, ...): it then starts itself on every process, like `trl grpo`.
 
 Run '{PROG} SUBCOMMAND --help' for every option of a subcommand.
 """
@@ -101,8 +106,12 @@ def main(argv: list[str] | None = None):
         (args,) = _parse(make_demo_parser(), argv)
         run_demo(args)
     else:
-        script_args, training_args, model_args = _parse(make_train_parser(), argv)
-        train(script_args, training_args, model_args)
+        launch_args, train_argv = split_launch_arguments(make_train_parser(), argv)
+        if launch_args:  # --num_processes, --accelerate_config, ...: through `accelerate launch`, as `trl grpo`
+            launch(launch_args, train_argv)
+        else:
+            script_args, training_args, model_args = _parse(make_train_parser(), train_argv)
+            train(script_args, training_args, model_args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""`trl-powerflow train` on several processes: `accelerate launch`, the way `trl grpo` does it.
+
+The flags that are not training flags (`--num_processes 8`, `--accelerate_config zero3`, `--config_file f.yaml`, ...)
+go to `accelerate launch`, which starts `python -m trl_powerflow.cli train <the training flags>` on every process.
+`--accelerate_config` takes a path or one of the configurations TRL ships (multi_gpu, zero1, zero2, zero3, fsdp1,
+fsdp2, single_gpu), resolved by TRL's own resolver. Without such flags, training runs in this process, as before.
+"""
+
+import os
+
+from .common import CLIError
+
+
+# Set for the launched processes, so that they train instead of launching again (a YAML config's launch keys are
+# still in their arguments)
+LAUNCHED = "TRL_POWERFLOW_LAUNCHED"
+
+
+def _subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
+    """`items` without the ordered `subsequence` (the remaining strings, in the order argparse found them)."""
+    rest, pending = [], iter(subsequence)
+    current = next(pending, None)
+    for item in items:
+        if current is not None and item == current:
+            current = next(pending, None)
+        else:
+            rest.append(item)
+    return rest
+
+
+def split_launch_arguments(parser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """`(accelerate launch's arguments, the training arguments)`; no launch arguments in a launched process."""
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+
+    try:
+        *_, config_remaining, cli_remaining = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+        if os.environ.get(LAUNCHED):
+            return [], argv
+        launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
+    except ValueError as error:  # a config check, or an --accelerate_config that is neither a file nor a TRL config
+        raise CLIError(error) from None
+    return launch_args, _subtract_subsequence(argv, cli_remaining)
+
+
+def launch(launch_args: list[str], train_argv: list[str], launch_command_fn=None) -> None:
+    """Starts `trl-powerflow train train_argv` on every process through `accelerate launch launch_args`."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    parser = launch_command_parser()
+    accelerate_args, unknown = parser.parse_known_args([*launch_args, "--module", "trl_powerflow.cli"])
+    if unknown:
+        raise CLIError(
+            f"unrecognized arguments: {' '.join(unknown)} (neither a training flag nor an `accelerate launch` flag; "
+            "see `trl-powerflow train --help` and `accelerate launch --help`)."
+        )
+    accelerate_args.training_script_args = ["train", *train_argv]
+    os.environ[LAUNCHED] = "1"  # inherited by the launched processes
+    try:
+        (launch_command_fn or launch_command)(accelerate_args)
+    finally:
+        del os.environ[LAUNCHED]
