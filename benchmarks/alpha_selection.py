@@ -19,62 +19,63 @@ Example (the README's run, one process per seed, then the combined table):
     python benchmarks/alpha_selection.py --combine alpha_selection_seed0 alpha_selection_seed1 --name alpha_selection
 """
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+if not __package__:  # run as a script (python benchmarks/alpha_selection.py): import the package from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import capitals, common  # noqa: E402
 
 
 START_ALPHAS = {"base": None, "flat": 0.5, "sharp": 2.0}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_arguments(p)
+    p = common.argument_parser(__doc__, "alpha_selection", max_steps=20, seeds=[0, 1])
     p.add_argument("--start_models", nargs="+", default=list(START_ALPHAS), choices=list(START_ALPHAS))
     p.add_argument("--start_steps", type=int, default=20, help="Steps of the runs that make the flat/sharp starts.")
     p.add_argument("--alphas", nargs="+", type=float, default=[1.5, 2.0, 4.0, 8.0], help="The fixed-alpha sweep.")
     p.add_argument("--target_entropy_ratio", type=float, default=0.25, help="The one target of the entropy rows.")
     p.add_argument("--alpha_step_size", type=float, default=0.1, help="Step size of the entropy-targeted alpha.")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="Seeds (training and sampling).")
-    p.add_argument("--max_steps", type=int, default=20, help="Training steps of each row.")
-    p.add_argument("--max_completion_length", type=int, default=12, help="Longest completion.")
-    p.add_argument("--num_eval_prompts", type=int, default=40, help="Held-out questions (test split).")
-    p.add_argument("--k", type=int, default=8, help="Samples per held-out question (avg@k).")
-    p.add_argument("--eval_batch_size", type=int, default=64, help="Sequences per forward pass in evaluation.")
     p.add_argument("--combine", nargs="+", default=None, help="Result folders to merge into one table (no run).")
-    args = p.parse_args(argv)
-    args.name = args.name or "alpha_selection"
-    return args
+    common.add_eval_arguments(p, num_eval_prompts=40, k=8)
+    return p.parse_args(argv)
+
+
+def combined_results(names):
+    """The results of the runs saved under benchmarks/results/<name>/, merged: per start model and row, all runs."""
+    results = {}
+    for name in names:
+        part = json.loads((common.results_dir(name) / "results.json").read_text())["results"]
+        for start, rows in part.items():
+            for row, runs in rows.items():
+                results.setdefault(start, {}).setdefault(row, []).extend(runs)
+    return results
 
 
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
     if args.combine:
-        results = {}
-        for name in args.combine:
-            part = json.loads((common.results_dir(name) / "results.json").read_text())["results"]
-            for start, rows in part.items():
-                for row, runs in rows.items():
-                    results.setdefault(start, {}).setdefault(row, []).extend(runs)
-        write(args, results, started, final=True)
+        results = combined_results(args.combine)
+        common.results_writer(args, results, report, plot, started)(final=True)
         return
 
     model_path, base, tokenizer = common.load_base_model(args)
     from trl_powerflow.evaluation import load_model_and_tokenizer
-    from trl_powerflow.prompt_sets import load_prompt_set
 
-    train = load_prompt_set("capitals", split="train", kinds=["capital"]).select_columns(["prompt"])
-    test = load_prompt_set("capitals", split="test", kinds=["capital"])
-    test = test.select(range(min(args.num_eval_prompts, len(test))))
-    rows = [f"alpha{alpha:g}" for alpha in args.alphas] + ["entropy"]
-    results = {start: {row: [] for row in ["start", *rows]} for start in args.start_models}
+    train, test = capitals.questions(args)
+    train = train.select_columns(["prompt"])
+
+    def evaluate(model, seed):
+        return capitals.evaluate(model, tokenizer, test, args, seed, batch_size=args.eval_batch_size)
+
+    rows = ["start", *(f"alpha{alpha:g}" for alpha in args.alphas), "entropy"]
+    results = {start: {row: [] for row in rows} for start in args.start_models}
+    save = common.results_writer(args, results, report, plot, started)
     for start in args.start_models:
         start_path, start_model = model_path, base
         if START_ALPHAS[start] is not None:
@@ -82,54 +83,49 @@ def main(argv=None):
                 f"\n=== start model {start}: alpha={START_ALPHAS[start]:g}, {args.start_steps} steps ===", flush=True
             )
             start_path, _ = common.powered_start_model(
-                model_path,
+                model_path, tokenizer, train, args, START_ALPHAS[start], args.start_steps, 0
+            )
+            start_model = load_model_and_tokenizer(start_path)[0]
+
+        def run_row(row, seed, start=start, start_path=start_path, start_model=start_model):
+            if row == "start":
+                return evaluate(start_model, seed)
+            if row == "entropy":
+                config = dict(alpha=1.0, target_entropy_ratio=args.target_entropy_ratio)
+                config.update(alpha_step_size=args.alpha_step_size)
+            else:
+                config = dict(alpha=float(row[len("alpha") :]))
+            r = common.train_and_evaluate(
+                start_path,
                 tokenizer,
                 train,
                 args,
-                START_ALPHAS[start],
-                args.start_steps,
-                0,
-                args.max_completion_length,
+                seed,
+                lambda m: evaluate(m, seed),
+                record=alpha_and_entropy,
+                **config,
             )
-            start_model = load_model_and_tokenizer(start_path)[0]
-        for seed in args.seeds:
-            r = common.evaluate_capitals(start_model, tokenizer, test, args, seed, batch_size=args.eval_batch_size)
-            results[start]["start"].append(r)
-            for row in rows:
-                print(f"\n=== {start}, seed {seed}: {row} ===", flush=True)
-                if row == "entropy":
-                    config = dict(alpha=1.0, target_entropy_ratio=args.target_entropy_ratio)
-                    config.update(alpha_step_size=args.alpha_step_size)
-                else:
-                    config = dict(alpha=float(row[len("alpha") :]))
-                trainer, seconds = common.train_one(
-                    "powerflow", start_path, tokenizer, train, args, args.max_steps, args.max_completion_length, seed,
-                    **config,
-                )  # fmt: skip
-                r = common.evaluate_capitals(
-                    trainer.model, tokenizer, test, args, seed, batch_size=args.eval_batch_size
-                )
-                logs = [log for log in trainer.state.log_history if "entropy" in log]
-                r.update(
-                    final_alpha=trainer.current_alpha(),
-                    first_entropy=logs[0]["entropy"],
-                    final_entropy=logs[-1]["entropy"],
-                    train_seconds=seconds,
-                    log_history=trainer.state.log_history,
-                )
-                del trainer
-                results[start][row].append(r)
-                print(
-                    f"{start} {row} seed {seed}: avg@{args.k} {r['avg_at_k']:.3f}, "
-                    f"final alpha {r['final_alpha']:.2f}, entropy {r['first_entropy']:.2f} -> "
-                    f"{r['final_entropy']:.2f}, train {seconds:.0f}s",
-                    flush=True,
-                )
-                write(args, results, started)  # partial results survive an interrupted run
-    write(args, results, started, final=True)
+            print(
+                f"{start} {row} seed {seed}: avg@{args.k} {r['avg_at_k']:.3f}, "
+                f"final alpha {r['final_alpha']:.2f}, entropy {r['first_entropy']:.2f} -> "
+                f"{r['final_entropy']:.2f}, train {r['train_seconds']:.0f}s",
+                flush=True,
+            )
+            return r
+
+        common.run_rows(results[start], args.seeds, run_row, save, label=f"{start}, ")
+    save(final=True)
 
 
-def write(args, results, started, final=False):
+def alpha_and_entropy(trainer) -> dict:
+    """Where the trained row's alpha ended and its policy's token entropy at the first and last logged steps."""
+    logs = [log for log in trainer.state.log_history if "entropy" in log]
+    return dict(
+        final_alpha=trainer.current_alpha(), first_entropy=logs[0]["entropy"], final_entropy=logs[-1]["entropy"]
+    )
+
+
+def report(args, results):
     k = args.k
     headers = [
         "start model",
@@ -149,8 +145,7 @@ def write(args, results, started, final=False):
         entropy = done.get("entropy")
         difference = "-"
         if best and entropy and len(entropy) == len(fixed[best]):
-            mean, low, high = common.paired_difference(entropy, fixed[best])
-            difference = f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+            difference = common.fmt_paired_difference(entropy, fixed[best])
         table_rows.append(
             [
                 start,
@@ -176,7 +171,7 @@ def write(args, results, started, final=False):
         + "; the interval is a bootstrap over questions of the per-question accuracy averaged over seeds.\n\n"
         + entropy_lines(results)
     )
-    common.write_results(args, table, results, notes, started, _plot, final)
+    return table, notes
 
 
 def entropy_lines(results) -> str:
@@ -193,28 +188,25 @@ def entropy_lines(results) -> str:
     return "\n".join(lines)
 
 
-def _plot(args, results):
-    plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for start, rows in results.items():
-        points = [(alpha, rows.get(f"alpha{alpha:g}")) for alpha in args.alphas]
-        points = [(alpha, sum(r["avg_at_k"] for r in runs) / len(runs) * 100) for alpha, runs in points if runs]
-        if points:
-            line = ax.plot(*zip(*points, strict=True), marker="o", label=f"{start}: fixed α")[0]
-        entropy = rows.get("entropy")
-        if entropy:
-            alpha = sum(r["final_alpha"] for r in entropy) / len(entropy)
-            accuracy = sum(r["avg_at_k"] for r in entropy) / len(entropy) * 100
-            ax.plot([alpha], [accuracy], marker="*", markersize=14, color=line.get_color() if points else None,
-                    linestyle="none", label=f"{start}: entropy-targeted (final α)")  # fmt: skip
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("α")
-    ax.set_ylabel(f"avg@{args.k} (%) on held-out capitals")
-    ax.set_title("Fixed α sweep and the entropy-targeted α, per start model")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(common.results_dir(args.name) / "alpha_selection.png", dpi=120)
-    plt.close(fig)
+def plot(args, results):
+    with common.figure(args, "alpha_selection.png", figsize=(7, 4)) as (_, ax):
+        for start, rows in results.items():
+            points = [(alpha, rows.get(f"alpha{alpha:g}")) for alpha in args.alphas]
+            points = [(alpha, sum(r["avg_at_k"] for r in runs) / len(runs) * 100) for alpha, runs in points if runs]
+            if points:
+                line = ax.plot(*zip(*points, strict=True), marker="o", label=f"{start}: fixed α")[0]
+            entropy = rows.get("entropy")
+            if entropy:
+                alpha = sum(r["final_alpha"] for r in entropy) / len(entropy)
+                accuracy = sum(r["avg_at_k"] for r in entropy) / len(entropy) * 100
+                color = line.get_color() if points else None
+                label = f"{start}: entropy-targeted (final α)"
+                ax.plot([alpha], [accuracy], marker="*", markersize=14, color=color, linestyle="none", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("α")
+        ax.set_ylabel(f"avg@{args.k} (%) on held-out capitals")
+        ax.set_title("Fixed α sweep and the entropy-targeted α, per start model")
+        ax.legend(fontsize=7)
 
 
 if __name__ == "__main__":

@@ -24,15 +24,16 @@ Example:
     python benchmarks/creativity.py --sharpen_steps 20 --max_steps 20 --name creativity_sharpened
 """
 
-import argparse
+import functools
 import re
 import sys
 import time
 from pathlib import Path
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+if not __package__:  # run as a script (python benchmarks/creativity.py): import the package from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common  # noqa: E402
 
 
 ALL_ROWS = ["base", "temp1.5", "verbalized", "powerflow"]
@@ -44,21 +45,12 @@ VERBALIZED_TEMPLATE = (
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_arguments(p)
-    p.set_defaults(prompts_per_step=2, num_generations=6)
+    p = common.argument_parser(
+        __doc__, "creativity", max_steps=20, max_completion_length=48, prompts_per_step=2, num_generations=6
+    )
     p.add_argument("--rows", nargs="+", default=ALL_ROWS, choices=ALL_ROWS, help="Rows to run.")
     p.add_argument("--kinds", nargs="+", default=["joke", "poem", "story"], help="Creative prompt kinds.")
     p.add_argument("--alpha", type=float, default=0.5, help="alpha of the powerflow row (< 1 flattens).")
-    p.add_argument("--max_steps", type=int, default=20, help="Training steps of the powerflow row.")
-    p.add_argument(
-        "--max_completion_length", type=int, default=48, help="Longest completion (training and evaluation)."
-    )
-    p.add_argument("--num_eval_prompts", type=int, default=5, help="Held-out prompts per kind.")
-    p.add_argument("--k", type=int, default=6, help="Samples per held-out prompt.")
-    p.add_argument(
-        "--seeds", nargs="+", type=int, default=[0], help="Seeds (training and sampling); >= 2 gives spread."
-    )
     p.add_argument("--start_from", default=None, help="Start (and reference) model directory instead of --model.")
     p.add_argument(
         "--sharpen_steps",
@@ -67,9 +59,15 @@ def parse_args(argv=None):
         help="Build an over-sharpened start: N PowerFlow steps at --sharpen_alpha, merged.",
     )
     p.add_argument("--sharpen_alpha", type=float, default=4.0, help="alpha of the sharpening run.")
-    args = p.parse_args(argv)
-    args.name = args.name or "creativity"
-    return args
+    common.add_eval_arguments(
+        p,
+        num_eval_prompts=5,
+        k=6,
+        batch_size=False,
+        prompts_help="Held-out prompts per kind.",
+        k_help="Samples per held-out prompt.",
+    )
+    return p.parse_args(argv)
 
 
 def parse_verbalized(text: str) -> list[str]:
@@ -84,6 +82,7 @@ def parse_verbalized(text: str) -> list[str]:
 
 
 def measure(samples, prompts, kinds, judge, judge_tokenizer):
+    """The table's columns for `samples` (a list of texts per prompt); fluency is scored by `judge`."""
     from trl_powerflow.evaluation import distinct_n, fluency, format_valid, rouge_l_redundancy, semantic_diversity
 
     pairs = [(p, s) for p, group in zip(prompts, samples, strict=True) for s in group]
@@ -100,97 +99,82 @@ def measure(samples, prompts, kinds, judge, judge_tokenizer):
     }
 
 
+def verbalized_samples(model, tokenizer, prompts, args, seed, per_call=5):
+    """Verbalized sampling: asks for `per_call` answers with their probabilities per call, enough calls for `args.k`
+    answers per prompt; returns the parsed answers per prompt and `{"parse_rate", "raw_example"}`."""
+    from trl_powerflow.evaluation import generate_samples
+
+    asks = [[{"role": "user", "content": VERBALIZED_TEMPLATE.format(request=p[-1]["content"])}] for p in prompts]
+    calls = -(-args.k // per_call)
+    out = generate_samples(
+        model, tokenizer, asks, num_samples=calls, max_new_tokens=per_call * args.max_completion_length, seed=seed
+    )
+    samples = [[item for text in texts for item in parse_verbalized(text)][: args.k] for texts in out.texts]
+    return samples, {"parse_rate": sum(map(len, samples)) / (args.k * len(samples)), "raw_example": out.texts[0][0]}
+
+
+def creative_prompts(args):
+    """The creative prompt set of `args.kinds`: the train split's prompts, and the first `args.num_eval_prompts` of
+    each kind of the test split. Returns `(train, test)`."""
+    from trl_powerflow.prompt_sets import load_prompt_set
+
+    train = load_prompt_set("creative", split="train", kinds=args.kinds).select_columns(["prompt"])
+    test = load_prompt_set("creative", split="test", kinds=args.kinds)
+    index = [
+        i for kind in args.kinds for i in [j for j, k in enumerate(test["kind"]) if k == kind][: args.num_eval_prompts]
+    ]
+    return train, test.select(index)
+
+
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
     judge_path, judge, tokenizer = common.load_base_model(args)
 
     from trl_powerflow.evaluation import generate_samples, load_model_and_tokenizer
-    from trl_powerflow.prompt_sets import load_prompt_set
 
-    train = load_prompt_set("creative", split="train", kinds=args.kinds).select_columns(["prompt"])
-    test_all = load_prompt_set("creative", split="test", kinds=args.kinds)
-    index = [
-        i
-        for kind in args.kinds
-        for i in [j for j, k in enumerate(test_all["kind"]) if k == kind][: args.num_eval_prompts]
-    ]
-    test = test_all.select(index)
+    train, test = creative_prompts(args)
     prompts, kinds = test["prompt"], test["kind"]
-
     start_path, sharpen_seconds = args.start_from or judge_path, None
     if args.sharpen_steps:
         print(f"\n=== sharpening: alpha={args.sharpen_alpha:g}, {args.sharpen_steps} steps ===", flush=True)
         start_path, sharpen_seconds = common.powered_start_model(
-            judge_path,
-            tokenizer,
-            train,
-            args,
-            args.sharpen_alpha,
-            args.sharpen_steps,
-            args.seeds[0],
-            args.max_completion_length,
+            judge_path, tokenizer, train, args, args.sharpen_alpha, args.sharpen_steps, args.seeds[0]
         )
     start = judge if start_path == judge_path else load_model_and_tokenizer(start_path)[0]
 
-    results = {row: [] for row in args.rows}
-    for seed in args.seeds:
-        for row in args.rows:
-            t0 = time.time()
-            print(f"\n=== seed {seed}: {row} ===", flush=True)
-            train_seconds, extra = None, {}
-            gen = dict(max_new_tokens=args.max_completion_length, seed=seed)
-            if row in ("base", "temp1.5"):
-                temperature = 1.5 if row == "temp1.5" else 1.0
-                samples = generate_samples(
-                    start, tokenizer, prompts, num_samples=args.k, temperature=temperature, **gen
-                ).texts
-            elif row == "verbalized":
-                asks = [
-                    [{"role": "user", "content": VERBALIZED_TEMPLATE.format(request=p[-1]["content"])}]
-                    for p in prompts
-                ]
-                per_call = 5
-                calls = -(-args.k // per_call)
-                out = generate_samples(
-                    start,
-                    tokenizer,
-                    asks,
-                    num_samples=calls,
-                    max_new_tokens=per_call * args.max_completion_length,
-                    seed=seed,
-                )
-                samples = [
-                    [item for text in texts for item in parse_verbalized(text)][: args.k] for texts in out.texts
-                ]
-                extra = {
-                    "parse_rate": sum(map(len, samples)) / (args.k * len(samples)),
-                    "raw_example": out.texts[0][0],
-                }
-            else:
-                trainer, train_seconds = common.train_one(
-                    "powerflow",
-                    start_path,
-                    tokenizer,
-                    train,
-                    args,
-                    args.max_steps,
-                    args.max_completion_length,
-                    seed,
-                    alpha=args.alpha,
-                )
-                samples = generate_samples(trainer.model, tokenizer, prompts, num_samples=args.k, **gen).texts
-                extra = {"log_history": trainer.state.log_history}
-                del trainer
-            r = measure(samples, prompts, kinds, judge, tokenizer)
-            r.update(extra, train_seconds=train_seconds, row_seconds=time.time() - t0)
-            results[row].append(r)
-            print({k: v for k, v in r.items() if k != "log_history"}, flush=True)
-            write(args, results, started, sharpen_seconds)
-    write(args, results, started, sharpen_seconds, final=True)
+    def run_row(row, seed):
+        t0 = time.time()
+
+        def sampled(model, temperature=1.0):
+            out = generate_samples(
+                model,
+                tokenizer,
+                prompts,
+                num_samples=args.k,
+                temperature=temperature,
+                max_new_tokens=args.max_completion_length,
+                seed=seed,
+            )
+            return measure(out.texts, prompts, kinds, judge, tokenizer)
+
+        if row == "powerflow":
+            r = common.train_and_evaluate(start_path, tokenizer, train, args, seed, sampled, alpha=args.alpha)
+        elif row == "verbalized":
+            samples, extra = verbalized_samples(start, tokenizer, prompts, args, seed)
+            r = {**measure(samples, prompts, kinds, judge, tokenizer), **extra}
+        else:
+            r = sampled(start, temperature=1.5 if row == "temp1.5" else 1.0)
+        r.setdefault("train_seconds", None)
+        r["row_seconds"] = time.time() - t0
+        print({k: v for k, v in r.items() if k != "log_history"}, flush=True)
+        return r
+
+    report_start = functools.partial(report, sharpen_seconds=sharpen_seconds)  # the notes say what sharpening took
+    common.run_benchmark(args, args.rows, run_row, report_start, plot, started)
 
 
-def write(args, results, started, sharpen_seconds, final=False):
+def report(args, results, sharpen_seconds=None):
     labels = {
         "base": "start model, T=1",
         "temp1.5": "start model, T=1.5",
@@ -231,7 +215,6 @@ def write(args, results, started, sharpen_seconds, final=False):
         "format valid",
         "train wall (min)",
     ]
-    table = common.markdown_table(headers, rows)
     if args.sharpen_steps:
         start = (
             f"the embedded model sharpened by {args.sharpen_steps} PowerFlow steps at alpha={args.sharpen_alpha:g} "
@@ -239,34 +222,28 @@ def write(args, results, started, sharpen_seconds, final=False):
         )
     else:
         start = args.start_from or f"the embedded model ({args.model})"
+    kinds = ", ".join(args.kinds)
     notes = (
-        f"Start model: {start}. Held-out: {args.num_eval_prompts} test-split prompts per kind "
-        f"({', '.join(args.kinds)}), "
-        f"{args.k} samples each, max {args.max_completion_length} new tokens. Fluency judge: {args.model} (original). "
-        f"Training: {args.max_steps} steps x {args.prompts_per_step} prompts x {args.num_generations} samples, "
-        f"{common.training_note(args)}"
+        f"Start model: {start}. Held-out: {args.num_eval_prompts} test-split prompts per kind ({kinds}), {args.k} "
+        f"samples each, max {args.max_completion_length} new tokens. Fluency judge: {args.model} (original). "
+        + common.training_note(args)
     )
-    common.write_results(args, table, results, notes, started, _plot, final)
+    return common.markdown_table(headers, rows), notes
 
 
-def _plot(args, results):
-    plt = common.pyplot()
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for row, rs in results.items():
-        if not rs:
-            continue
-        (x, x_spread), (y, y_spread) = (
-            common.mean_spread(r[key] for r in rs) for key in ("semantic_diversity", "fluency")
-        )
-        ax.errorbar(x, y, xerr=x_spread, yerr=y_spread, fmt="o", capsize=3, markersize=7)
-        ax.annotate(row, (x, y), textcoords="offset points", xytext=(5, 5))
-    ax.set_xlabel("semantic diversity (higher = more diverse)")
-    ax.set_ylabel("fluency under the base judge (nats/token)")
-    ax.set_title("Creativity: diversity vs fluency")
-    fig.tight_layout()
-    fig.savefig(common.results_dir(args.name) / "diversity_vs_fluency.png", dpi=120)
-    plt.close(fig)
+def plot(args, results):
+    with common.figure(args, "diversity_vs_fluency.png", figsize=(6, 4.5)) as (_, ax):
+        for row, rs in results.items():
+            if not rs:
+                continue
+            (x, x_spread), (y, y_spread) = (
+                common.mean_spread(r[key] for r in rs) for key in ("semantic_diversity", "fluency")
+            )
+            ax.errorbar(x, y, xerr=x_spread, yerr=y_spread, fmt="o", capsize=3, markersize=7)
+            ax.annotate(row, (x, y), textcoords="offset points", xytext=(5, 5))
+        ax.set_xlabel("semantic diversity (higher = more diverse)")
+        ax.set_ylabel("fluency under the base judge (nats/token)")
+        ax.set_title("Creativity: diversity vs fluency")
 
 
 if __name__ == "__main__":

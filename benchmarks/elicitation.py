@@ -14,44 +14,32 @@ Example (the default run; add --seeds 0 1 for spread):
     python benchmarks/elicitation.py --max_steps 40 --num_eval_prompts 40
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+if not __package__:  # run as a script (python benchmarks/elicitation.py): import the package from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import capitals, common  # noqa: E402
 
 
 ALL_ROWS = ["base", "lowtemp2", "lowtemp4", "power4", "powerflow2", "powerflow4", "grpo"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_arguments(p)
+    p = common.argument_parser(__doc__, "elicitation", max_steps=40)
     p.add_argument("--rows", nargs="+", default=ALL_ROWS, choices=ALL_ROWS, help="Rows to run.")
-    p.add_argument(
-        "--seeds", nargs="+", type=int, default=[0], help="Seeds (training and sampling); >= 2 gives spread."
-    )
-    p.add_argument("--max_steps", type=int, default=40, help="Training steps of each trained row.")
-    p.add_argument(
-        "--max_completion_length", type=int, default=12, help="Longest completion (training and evaluation)."
-    )
     p.add_argument(
         "--num_train_prompts",
         type=int,
         default=None,
         help="First N training questions (default: all of the train split).",
     )
-    p.add_argument("--num_eval_prompts", type=int, default=40, help="Held-out questions (test split).")
-    p.add_argument("--k", type=int, default=8, help="Samples per held-out question (avg@k).")
+    common.add_eval_arguments(p, num_eval_prompts=40, k=8)
     p.add_argument("--power_mcmc_steps", type=int, default=10, help="MH steps per chain of power sampling.")
     p.add_argument("--power_k", type=int, default=None, help="Chains per question for power sampling (default: --k).")
-    p.add_argument("--eval_batch_size", type=int, default=64, help="Sequences per forward pass in evaluation.")
-    args = p.parse_args(argv)
-    args.name = args.name or "elicitation"
-    return args
+    return p.parse_args(argv)
 
 
 def correctness_reward(completions, answer, aliases, **kwargs):
@@ -66,86 +54,63 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.time()
     model_path, base, tokenizer = common.load_base_model(args)
+    train, test = capitals.questions(args)
 
+    def evaluate(model, seed, temperature=1.0):
+        return capitals.evaluate(
+            model, tokenizer, test, args, seed, temperature=temperature, batch_size=args.eval_batch_size
+        )
+
+    def trained(data, seed, **options):
+        return common.train_and_evaluate(
+            model_path, tokenizer, data, args, seed, lambda m: evaluate(m, seed), **options
+        )
+
+    def run_row(row, seed):
+        t0 = time.time()
+        if row == "base":
+            r = evaluate(base, seed)
+        elif row.startswith("lowtemp"):
+            r = evaluate(base, seed, temperature=1.0 / float(row[len("lowtemp") :]))
+        elif row == "grpo":
+            r = trained(train, seed, kind="grpo", reward_funcs=correctness_reward)
+        elif row.startswith("powerflow"):  # PowerFlow never sees the answers
+            r = trained(train.select_columns(["prompt"]), seed, alpha=float(row[len("powerflow") :]))
+        else:
+            r = power_sample(base, tokenizer, test, args, seed, alpha=float(row[len("power") :]))
+        r.setdefault("train_seconds", None)
+        r["row_seconds"] = time.time() - t0
+        print(
+            f"{row} seed {seed}: avg@{args.k} {r['avg_at_k']:.3f}, length {r['mean_length']:.2f}, "
+            f"train {r['train_seconds']}, row {r['row_seconds']:.0f}s; e.g. {r['examples'][0]}",
+            flush=True,
+        )
+        return r
+
+    common.run_benchmark(args, args.rows, run_row, report, plot, started)
+
+
+def power_sample(base, tokenizer, test, args, seed, alpha):
+    """Metropolis-Hastings power sampling of p_base^alpha on the held-out questions, scored like the other rows."""
     from trl_powerflow.evaluation import power_sampling
-    from trl_powerflow.prompt_sets import load_prompt_set
 
-    train = load_prompt_set("capitals", split="train", kinds=["capital"])
-    if args.num_train_prompts:
-        train = train.select(range(min(args.num_train_prompts, len(train))))
-    test = load_prompt_set("capitals", split="test", kinds=["capital"])
-    test = test.select(range(min(args.num_eval_prompts, len(test))))
-    results = {row: [] for row in args.rows}
-    for seed in args.seeds:
-        for row in args.rows:
-            t0 = time.time()
-            print(f"\n=== seed {seed}: {row} ===", flush=True)
-            train_seconds = None
-            if row == "base":
-                r = common.evaluate_capitals(base, tokenizer, test, args, seed, batch_size=args.eval_batch_size)
-            elif row.startswith("lowtemp"):
-                temperature = 1.0 / float(row[len("lowtemp") :])
-                r = common.evaluate_capitals(
-                    base, tokenizer, test, args, seed, temperature=temperature, batch_size=args.eval_batch_size
-                )
-            elif row.startswith("power") and not row.startswith("powerflow"):
-                alpha = float(row[len("power") :])
-                out = power_sampling(
-                    base,
-                    tokenizer,
-                    test["prompt"],
-                    alpha=alpha,
-                    num_samples=args.power_k or args.k,
-                    max_new_tokens=args.max_completion_length,
-                    mcmc_steps=args.power_mcmc_steps,
-                    batch_size=args.eval_batch_size,
-                    seed=seed,
-                )
-                r = common.summarize_capitals(out, test)
-                r["acceptance_rate"] = out.acceptance_rate
-            else:
-                if row == "grpo":
-                    trainer, train_seconds = common.train_one(
-                        "grpo",
-                        model_path,
-                        tokenizer,
-                        train,
-                        args,
-                        args.max_steps,
-                        args.max_completion_length,
-                        seed,
-                        reward_funcs=correctness_reward,
-                    )
-                else:  # PowerFlow never sees the answers
-                    trainer, train_seconds = common.train_one(
-                        "powerflow",
-                        model_path,
-                        tokenizer,
-                        train.select_columns(["prompt"]),
-                        args,
-                        args.max_steps,
-                        args.max_completion_length,
-                        seed,
-                        alpha=float(row[len("powerflow") :]),
-                    )
-                r = common.evaluate_capitals(
-                    trainer.model, tokenizer, test, args, seed, batch_size=args.eval_batch_size
-                )
-                r["log_history"] = trainer.state.log_history
-                del trainer
-            r["train_seconds"] = train_seconds
-            r["row_seconds"] = time.time() - t0
-            results[row].append(r)
-            print(
-                f"{row} seed {seed}: avg@{args.k} {r['avg_at_k']:.3f}, length {r['mean_length']:.2f}, "
-                f"train {train_seconds}, row {r['row_seconds']:.0f}s; e.g. {r['examples'][0]}",
-                flush=True,
-            )
-            write(args, results, started)  # partial results survive an interrupted run
-    write(args, results, started, final=True)
+    out = power_sampling(
+        base,
+        tokenizer,
+        test["prompt"],
+        alpha=alpha,
+        num_samples=args.power_k or args.k,
+        max_new_tokens=args.max_completion_length,
+        mcmc_steps=args.power_mcmc_steps,
+        batch_size=args.eval_batch_size,
+        seed=seed,
+    )
+    r = capitals.summarize(out, test)
+    r["acceptance_rate"] = out.acceptance_rate
+    return r
 
 
-def write(args, results, started, final=False):
+def report(args, results):
     base_cost = None
     if results.get("base"):
         base_cost = sum(r["forward_tokens"] for r in results["base"]) / len(results["base"])
@@ -177,15 +142,13 @@ def write(args, results, started, final=False):
             ]
         )
     headers = ["row", "seeds", f"avg@{args.k} (%)", "mean length (tokens)", "train wall (min)", "eval forward tokens"]
-    table = common.markdown_table(headers, rows)
     notes = (
         f"Held-out: first {args.num_eval_prompts} test-split capital questions, {args.k} samples each at T=1 "
-        f"(matcher 'contains', answer + aliases). Training: {args.max_steps} steps x {args.prompts_per_step} "
-        f"prompts x {args.num_generations} samples, max {args.max_completion_length} new tokens, "
-        f"{common.training_note(args)} Eval forward tokens: token positions processed while sampling the evaluation "
-        f"(training cost excluded).\n\n{paired_differences(results, args.k)}"
+        f"(matcher 'contains', answer + aliases). {common.training_note(args, max_length=True)} Eval forward tokens: "
+        f"token positions processed while sampling the evaluation (training cost excluded).\n\n"
+        + paired_differences(results, args.k)
     )
-    common.write_results(args, table, results, notes, started, _plot, final)
+    return common.markdown_table(headers, rows), notes
 
 
 def paired_differences(results, k, reference="powerflow4") -> str:
@@ -200,23 +163,17 @@ def paired_differences(results, k, reference="powerflow4") -> str:
     ]
     for row, rs in results.items():
         if row != reference and rs and len(rs) == len(results[reference]):
-            mean, low, high = common.paired_difference(results[reference], rs)
-            lines.append(f"- vs {row}: {100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+            lines.append(f"- vs {row}: {common.fmt_paired_difference(results[reference], rs)}")
     return "\n".join(lines)
 
 
-def _plot(args, results):
-    plt = common.pyplot()
-
+def plot(args, results):
     names = [row for row, rs in results.items() if rs]
-    means = [common.mean_spread([r["avg_at_k"] * 100 for r in results[n]]) for n in names]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(names, [m for m, _ in means], yerr=[s for _, s in means], capsize=4, color="tab:blue")
-    ax.set_ylabel(f"avg@{args.k} (%) on held-out capitals, T=1")
-    ax.set_title("Elicitation: SmolLM2-135M-Instruct")
-    fig.tight_layout()
-    fig.savefig(common.results_dir(args.name) / "avg_at_k.png", dpi=120)
-    plt.close(fig)
+    means, spreads = common.mean_spreads(([r["avg_at_k"] for r in results[n]] for n in names), 100)
+    with common.figure(args, "avg_at_k.png", figsize=(8, 4)) as (_, ax):
+        ax.bar(names, means, yerr=spreads, capsize=4, color="tab:blue")
+        ax.set_ylabel(f"avg@{args.k} (%) on held-out capitals, T=1")
+        ax.set_title("Elicitation: SmolLM2-135M-Instruct")
 
 
 if __name__ == "__main__":

@@ -13,35 +13,31 @@ Example (the README's table):
     python benchmarks/log_z_tracking.py --max_steps 20
 """
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+if not __package__:  # run as a script (python benchmarks/log_z_tracking.py): import the package from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common  # noqa: E402
 
 
 PROMPT_SETS = {"templated": ["capital"], "mixed": None}
 ESTIMATORS = ["group", "learned"]
+KEYS = ["residual_mean", "residual_abs", "log_z", "policy_logp", "base_logp", "completion_length"]  # powerflow/<key>
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_arguments(p)
+    p = common.argument_parser(__doc__, "log_z_tracking", max_steps=20)
     p.add_argument("--prompt_sets", nargs="+", default=list(PROMPT_SETS), choices=list(PROMPT_SETS))
     p.add_argument("--estimators", nargs="+", default=ESTIMATORS, choices=ESTIMATORS)
     p.add_argument("--alpha", type=float, default=4.0, help="Power of the target.")
-    p.add_argument("--max_steps", type=int, default=20, help="Training steps of each run.")
     p.add_argument("--last", type=int, default=5, help="Summarise the last N steps.")
-    p.add_argument("--max_completion_length", type=int, default=12, help="Longest completion.")
     p.add_argument("--num_train_prompts", type=int, default=40, help="First N training questions of each set.")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="Seeds; >= 2 gives spread.")
     args = p.parse_args(argv)
     args.logging_steps = 1
-    args.name = args.name or "log_z_tracking"
     return args
 
 
@@ -52,37 +48,20 @@ def main(argv=None):
 
     from trl_powerflow.prompt_sets import load_prompt_set
 
-    results = {}
-    for seed in args.seeds:
-        for prompt_set, kinds in PROMPT_SETS.items():
-            if prompt_set not in args.prompt_sets:
-                continue
-            train = load_prompt_set("capitals", split="train", kinds=kinds, seed=seed).shuffle(seed=0)
-            train = train.select(range(min(args.num_train_prompts, len(train)))).select_columns(["prompt"])
-            for estimator in args.estimators:
-                row = f"{prompt_set}/{estimator}"
-                print(f"\n=== seed {seed}: {row} ===", flush=True)
-                trainer, seconds = common.train_one(
-                    "powerflow",
-                    model_path,
-                    tokenizer,
-                    train,
-                    args,
-                    args.max_steps,
-                    args.max_completion_length,
-                    seed,
-                    alpha=args.alpha,
-                    log_z_estimator=estimator,
-                )
-                logs = [h for h in trainer.state.log_history if "powerflow/residual_mean" in h]
-                keys = ["residual_mean", "residual_abs", "log_z", "policy_logp", "base_logp", "completion_length"]
-                run = {key: [h[f"powerflow/{key}"] for h in logs] for key in keys}
-                run["entropy"] = [h["entropy"] for h in logs]
-                run["seconds_per_step"] = seconds / args.max_steps
-                results.setdefault(row, []).append(run)
-                del trainer
-                write(args, results, started)
-    write(args, results, started, final=True)
+    def run_row(row, seed):
+        prompt_set, estimator = row.split("/")
+        train = load_prompt_set("capitals", split="train", kinds=PROMPT_SETS[prompt_set], seed=seed).shuffle(seed=0)
+        train = train.select(range(min(args.num_train_prompts, len(train)))).select_columns(["prompt"])
+        run = common.train_and_evaluate(
+            model_path, tokenizer, train, args, seed, alpha=args.alpha, log_z_estimator=estimator
+        )
+        logs = [h for h in run["log_history"] if "powerflow/residual_mean" in h]
+        curves = {key: [h[f"powerflow/{key}"] for h in logs] for key in KEYS}
+        curves["entropy"] = [h["entropy"] for h in logs]
+        return {**curves, "seconds_per_step": run["train_seconds"] / args.max_steps}
+
+    rows = [f"{name}/{estimator}" for name in PROMPT_SETS if name in args.prompt_sets for estimator in args.estimators]
+    common.run_benchmark(args, rows, run_row, report, plot, started)
 
 
 def summary(runs, key, last, absolute=False):
@@ -90,7 +69,7 @@ def summary(runs, key, last, absolute=False):
     return common.fmt(values, digits=2)
 
 
-def write(args, results, started, final=False):
+def report(args, results):
     headers = [
         "prompt set / log Z",
         f"mean abs(residual_mean), last {args.last} steps",
@@ -103,6 +82,8 @@ def write(args, results, started, final=False):
     ]
     rows = []
     for row, runs in results.items():
+        if not runs:
+            continue
         largest = [max(abs(v) for v in run["residual_mean"][-args.last :]) for run in runs]
         rows.append(
             [
@@ -119,23 +100,19 @@ def write(args, results, started, final=False):
     notes = (
         f"alpha={args.alpha}, {args.max_steps} steps, {args.prompts_per_step} prompts x {args.num_generations} "
         f"samples per step, {args.num_train_prompts} training prompts per set. residual_mean in nats per token; the "
-        "group estimate's is zero by construction on-policy. " + common.training_note(args)
+        "group estimate's is zero by construction on-policy. " + common.settings_note(args)
     )
-    common.write_results(args, common.markdown_table(headers, rows), results, notes, started, _plot, final)
+    return common.markdown_table(headers, rows), notes
 
 
-def _plot(args, results):
-    plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for row, runs in results.items():
-        for i, run in enumerate(runs):
-            ax.plot(range(1, len(run["residual_mean"]) + 1), run["residual_mean"], label=row if i == 0 else None)
-    ax.axhline(0.0, color="gray", lw=0.5)
-    ax.set(xlabel="step", ylabel="residual_mean (nats/token)", title=f"log Z tracking, alpha={args.alpha}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(common.results_dir(args.name) / "residual_mean.png", dpi=120)
-    plt.close(fig)
+def plot(args, results):
+    with common.figure(args, "residual_mean.png", figsize=(7, 4)) as (_, ax):
+        for row, runs in results.items():
+            for i, run in enumerate(runs):
+                ax.plot(range(1, len(run["residual_mean"]) + 1), run["residual_mean"], label=row if i == 0 else None)
+        ax.axhline(0.0, color="gray", lw=0.5)
+        ax.set(xlabel="step", ylabel="residual_mean (nats/token)", title=f"log Z tracking, alpha={args.alpha}")
+        ax.legend()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""The benchmark scripts' helpers, and one script run end to end on a tiny model (results written under tmp_path)."""
+"""The benchmark scripts' helpers, and scripts run end to end on a tiny model (results written under tmp_path)."""
 
+import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -8,10 +10,8 @@ import pytest
 from conftest import make_model, make_tokenizer
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import common  # noqa: E402
-import creativity  # noqa: E402
-import length_ablation  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: `benchmarks` is a package there
+from benchmarks import alpha_selection, common, creativity, length_ablation  # noqa: E402
 
 
 @pytest.fixture
@@ -74,3 +74,66 @@ def test_length_ablation_control_is_a_no_op(results_root, tmp_path):
         losses = [entry["loss"] for entry in run["log_history"] if "loss" in entry]
         assert len(losses) == 2 and all(loss == 0.0 for loss in losses)
     assert (results_root / "length_ablation" / "length_accuracy_over_steps.png").stat().st_size > 0
+
+
+def test_run_rows_saves_after_every_row_seeds_outermost():
+    results, saved = {"a": [], "b": []}, []
+    common.run_rows(
+        results,
+        [0, 1],
+        lambda row, seed: {"seed": seed},
+        lambda: saved.append({k: len(v) for k, v in results.items()}),
+    )
+    assert results == {"a": [{"seed": 0}, {"seed": 1}], "b": [{"seed": 0}, {"seed": 1}]}
+    assert saved == [{"a": 1, "b": 0}, {"a": 1, "b": 1}, {"a": 2, "b": 1}, {"a": 2, "b": 2}]
+
+
+def test_alpha_selection_combine_merges_the_runs_of_every_folder(results_root):
+    def run(seed, trained=True):
+        r = {"avg_at_k": 0.25 * (seed + 1), "per_prompt": [0.5 * seed, 0.25]}
+        return {**r, "final_alpha": 2.0 + seed, "first_entropy": 1.0, "final_entropy": 0.5} if trained else r
+
+    for seed in (0, 1):
+        results = {"base": {"start": [run(seed, False)], "alpha2": [run(seed)], "entropy": [run(seed)]}}
+        (results_root / f"seed{seed}").mkdir(parents=True)
+        (results_root / f"seed{seed}" / "results.json").write_text(json.dumps({"results": results}))
+    alpha_selection.main(["--combine", "seed0", "seed1", "--alphas", "2", "--name", "both"])
+    data = json.loads((results_root / "both" / "results.json").read_text())
+    assert {row: [r["avg_at_k"] for r in runs] for row, runs in data["results"]["base"].items()} == {
+        "start": [0.25, 0.5],
+        "alpha2": [0.25, 0.5],
+        "entropy": [0.25, 0.5],
+    }
+    readme = (results_root / "both" / "README.md").read_text()
+    assert "| base | 37.5 ± 12.5 | 37.5 ± 12.5 | 2 | 2.50 ± 0.50 | 37.5 ± 12.5 | +0.0 [+0.0, +0.0] |" in readme
+    assert (results_root / "both" / "alpha_selection.png").stat().st_size > 0
+
+
+def test_step_cost_import_reads_no_flags_and_runs_nothing(monkeypatch):
+    """Only `main()` parses the command line, and only a script run re-executes the process (mmap threshold)."""
+    monkeypatch.setattr(sys, "argv", ["pytest", "--no-such-flag"])
+    monkeypatch.setattr(os, "execve", lambda *args: pytest.fail("re-executed at import"))
+    step_cost = importlib.reload(importlib.import_module("benchmarks.step_cost"))
+    args = step_cost.parse_args(["--case", "demo", "--num-iterations-sweep", "--rounds", "3"])
+    assert (args.max_completion_length, args.per_device_train_batch_size, args.num_generations) == (12, 32, 8)
+    assert args.trainers == "powerflow-ni1,powerflow-ni2,powerflow-ni2-trl-old"
+    assert (args.warmup, args.rounds) == (2, 4)  # whole generate/reuse cycles
+
+
+def test_step_cost_tiny_case_end_to_end(capsys):
+    import transformers
+
+    step_cost = importlib.import_module("benchmarks.step_cost")
+    verbosity = transformers.logging.get_verbosity()
+    try:
+        step_cost.main(
+            ["--case", "tiny", "--trainers", "powerflow,grpo-beta", "--rounds", "2", "--warmup", "1", "--profile",
+             "--no-save"]
+        )  # fmt: skip
+    finally:
+        transformers.logging.set_verbosity(verbosity)  # main() quiets transformers for its report
+    out = capsys.readouterr().out
+    assert "Command: `python benchmarks/step_cost.py --case tiny --trainers powerflow,grpo-beta" in out
+    assert "\n| PowerFlow | " in out and "\n| GRPO beta=0.04 | " in out
+    assert "Step breakdown (median CPU seconds" in out and "\n| generation | " in out
+    assert "### PowerFlow" in out and "Backbone forward calls per phase: " in out  # the profiled step
