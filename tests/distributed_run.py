@@ -1,4 +1,8 @@
-"""Train a tiny model for a few steps; launched by tests/test_distributed.py with 1 or 2 processes (torchrun)."""
+"""Train a tiny model for a few steps; launched by tests/test_distributed.py with 1 or 2 processes (torchrun), or
+through `accelerate launch` with a DeepSpeed or FSDP configuration.
+
+Usage: distributed_run.py OUTPUT_DIR PER_DEVICE_BATCH_SIZE {group,learned} [{cpu,cuda}]
+"""
 
 import json
 import os
@@ -14,10 +18,11 @@ from datasets import Dataset  # noqa: E402
 from trl_powerflow import PowerFlowTrainer  # noqa: E402
 
 
-def main(output_dir, per_device_batch_size, estimator):
+def main(output_dir, per_device_batch_size, estimator, device="cpu"):
     tokenizer = make_tokenizer()
     args = make_config(
         output_dir,
+        use_cpu=device == "cpu",
         per_device_train_batch_size=per_device_batch_size,
         num_generations=8,
         max_steps=3,
@@ -36,6 +41,9 @@ def main(output_dir, per_device_batch_size, estimator):
     dataset = Dataset.from_dict({"prompt": ["p0", "p1", "p0 a", "p1 b", "a p0", "b p1"] * 4})
     trainer = PowerFlowTrainer(make_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
+    # The engine the policy trained under: FSDP2 shards parameters as DTensors
+    parameter = next(trainer.model_wrapped.parameters())
+    engine = f"fsdp={trainer.is_fsdp_enabled} parameter={type(parameter).__name__}"
     trainer.save_model()
     # Every process keeps its own copy of the log Z head: they must agree
     rank = trainer.accelerator.process_index
@@ -43,9 +51,11 @@ def main(output_dir, per_device_batch_size, estimator):
         torch.save(trainer.log_z.state_dict(), os.path.join(output_dir, f"log_z_rank{rank}.pt"))
     with open(os.path.join(output_dir, f"alpha_rank{rank}.json"), "w") as f:
         json.dump([log["powerflow/alpha"] for log in trainer.state.log_history if "powerflow/alpha" in log], f)
+    with open(os.path.join(output_dir, f"engine_rank{rank}.txt"), "w") as f:
+        f.write(engine)
     with open(os.path.join(output_dir, f"should_save_rank{rank}.txt"), "w") as f:
         f.write(str(trainer.args.should_save))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], *sys.argv[4:])
