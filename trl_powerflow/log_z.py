@@ -5,6 +5,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from ._io import atomic_path
 
@@ -80,6 +81,32 @@ class LogZ(nn.Module):
                 optimizer.step()
         self.zero_grad(set_to_none=True)
 
+    def add_to_optimizer(self, optimizer, learning_rate: float) -> None:
+        """The head's own parameter group: its learning rate, no weight decay (once, if not there already)."""
+        if self._param_group(optimizer) is None:
+            optimizer.add_param_group({"params": list(self.parameters()), "lr": learning_rate, "weight_decay": 0.0})
+
+    def keep_learning_rate_constant(self, scheduler, learning_rate: float) -> None:
+        """
+        The head tracks a target that moves with the policy until the last step: a decayed (or warming up) learning
+        rate makes it lag. Its group's rate stays constant, whatever the policy's schedule.
+        """
+        index = self._param_group(scheduler.optimizer)
+        if index is None:
+            return
+        if not isinstance(scheduler, LambdaLR):
+            raise ValueError(
+                f"The learning-rate scheduler {type(scheduler).__name__} cannot keep the log Z head's learning rate "
+                "constant. Use a warmup/decay schedule (linear, cosine, constant, ...) or `log_z_estimator='group'`."
+            )
+        scheduler.lr_lambdas[index] = _constant
+        scheduler.optimizer.param_groups[index]["lr"] = learning_rate
+
+    def _param_group(self, optimizer) -> int | None:
+        return next(
+            (i for i, g in enumerate(optimizer.param_groups) if any(p is self.bias for p in g["params"])), None
+        )
+
     def save(self, output_dir: str) -> str:
         """Write the head to `output_dir/log_z.safetensors` atomically: a crash leaves the previous file intact."""
         path = os.path.join(output_dir, LOG_Z_FILE)
@@ -95,3 +122,15 @@ class LogZ(nn.Module):
         """Restore the head saved by [`LogZ.save`] in `directory`."""
         state_dict = load_file(os.path.join(directory, LOG_Z_FILE), device=str(self.bias.device))
         self.load_state_dict(state_dict)
+
+
+def prompt_embeddings(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Mean input embedding of each prompt, detached: the input of the prompt-conditioned head."""
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(prompt_ids).float()
+        mask = prompt_mask.unsqueeze(-1).float()
+        return (embeds * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def _constant(step):
+    return 1.0

@@ -19,6 +19,24 @@ class PowerFlowLossOutput:
     base_logps: torch.Tensor  # (1/|y|) log p_base(y|x), the mean per-token log-prob in both modes
     lengths: torch.Tensor  # |y|, EOS included
 
+    def per_sequence_metrics(self) -> dict[str, torch.Tensor]:
+        """What the trainer logs, per sequence, zero on invalid rows (it averages them over the valid ones)."""
+
+        def on_valid(value):  # where, not a product: a non-finite value times 0 is NaN
+            return torch.where(self.valid, value.detach(), 0.0)
+
+        residual = self.residual.detach()
+        return {
+            "log_z": on_valid(self.log_z),
+            "residual_mean": residual,  # signed: far from 0 and one-signed means log Z does not track its target
+            "residual_abs": residual.abs(),
+            "residual_sq": residual.square(),
+            "base_logp": on_valid(self.base_logps),  # mean per-token log-probs, whatever length_normalization
+            "policy_logp": on_valid(self.policy_logps),
+            "completion_length": on_valid(self.lengths),
+            "clip_frac": self.is_clipped.float(),
+        }
+
 
 def powerflow_loss(
     policy_logps: torch.Tensor,

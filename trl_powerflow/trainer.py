@@ -8,7 +8,6 @@ from functools import partial
 
 import torch
 from accelerate.utils import is_peft_model
-from torch.optim.lr_scheduler import LambdaLR
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id, split_tensor_dict
@@ -17,7 +16,7 @@ from .alpha import AlphaController
 from .callbacks import repeated_ngram_rate
 from .config import PowerFlowConfig
 from .groups import prompt_groups, shuffle_groups
-from .log_z import LOG_Z_FILE, LogZ
+from .log_z import LOG_Z_FILE, LogZ, prompt_embeddings
 from .objective import powerflow_loss
 from .prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
 from .trl_seams import (
@@ -25,7 +24,6 @@ from .trl_seams import (
     LogZGradientCallback,
     attribute_set_to,
     check_inputs,
-    constant,
     last_complete_checkpoint,
     no_reward,
     prepare_in_memory_base,
@@ -149,31 +147,15 @@ class PowerFlowTrainer(GRPOTrainer):
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.log_z is not None and self._log_z_param_group(optimizer) is None:
-            optimizer.add_param_group(
-                {"params": list(self.log_z.parameters()), "lr": self.args.log_z_learning_rate, "weight_decay": 0.0}
-            )
+        if self.log_z is not None:
+            self.log_z.add_to_optimizer(optimizer, self.args.log_z_learning_rate)
         return optimizer
 
     def create_scheduler(self, num_training_steps, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        index = self._log_z_param_group(self.optimizer) if self.log_z is not None else None
-        if index is not None:
-            # The head tracks a target that moves with the policy until the last step: a decayed (or warming up)
-            # learning rate makes it lag. Constant, whatever the policy's schedule.
-            if not isinstance(scheduler, LambdaLR):
-                raise ValueError(
-                    f"lr_scheduler_type={self.args.lr_scheduler_type!r} cannot keep the log Z head's learning rate "
-                    "constant. Use a warmup/decay schedule (linear, cosine, constant, ...) or "
-                    "`log_z_estimator='group'`."
-                )
-            scheduler.lr_lambdas[index] = constant
-            scheduler.optimizer.param_groups[index]["lr"] = self.args.log_z_learning_rate
+        if self.log_z is not None:
+            self.log_z.keep_learning_rate_constant(scheduler, self.args.log_z_learning_rate)
         return scheduler
-
-    def _log_z_param_group(self, optimizer) -> int | None:
-        bias = self.log_z.bias
-        return next((i for i, g in enumerate(optimizer.param_groups) if any(p is bias for p in g["params"])), None)
 
     def _prepare_inputs(self, generation_batch):
         if not self.model.training:
@@ -290,13 +272,6 @@ class PowerFlowTrainer(GRPOTrainer):
             entropies.append(out[1])
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
-    def _prompt_embeddings(self, model, prompt_ids, prompt_mask):
-        """Mean input embedding of each prompt, detached: the input of the prompt-conditioned log Z head."""
-        with torch.no_grad():
-            embeds = self.accelerator.unwrap_model(model).get_input_embeddings()(prompt_ids).float()
-            mask = prompt_mask.unsqueeze(-1).float()
-            return (embeds * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-
     def _compute_loss(self, model, inputs):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -344,7 +319,7 @@ class PowerFlowTrainer(GRPOTrainer):
 
     def _learned_log_z(self, objective, model, prompt_ids, prompt_mask, mode):
         """log Z'(x) from the head, started at the first training batch (the data-driven start)."""
-        prompt_embeds = self._prompt_embeddings(model, prompt_ids, prompt_mask)
+        prompt_embeds = prompt_embeddings(self.accelerator.unwrap_model(model), prompt_ids, prompt_mask)
         if mode == "train" and not self.log_z.initialized:
             # Fit log Z'(x) to the values that zero this batch's residuals (r = log Z' - t, so t = -r at log Z' = 0),
             # on the same data on every process so that the head stays identical everywhere
@@ -360,21 +335,7 @@ class PowerFlowTrainer(GRPOTrainer):
     def _log_metrics(self, out, entropies, mask, mode):
         """Means over the valid sequences of all processes, with one reduction."""
         valid = out.valid.float()
-        residual = out.residual.detach()
-
-        def on_valid(value):  # where, not a product: a non-finite value times 0 is NaN
-            return torch.where(out.valid, value.detach(), 0.0)
-
-        per_sequence = {
-            "log_z": on_valid(out.log_z),
-            "residual_mean": residual,  # signed: far from 0 and one-signed means log Z does not track its target
-            "residual_abs": residual.abs(),
-            "residual_sq": residual.square(),
-            "base_logp": on_valid(out.base_logps),  # mean per-token log-probs, whatever length_normalization
-            "policy_logp": on_valid(out.policy_logps),
-            "completion_length": on_valid(out.lengths),
-            "clip_frac": out.is_clipped.float(),
-        }
+        per_sequence = out.per_sequence_metrics()
         counts = {
             "entropy": (entropies.detach() * mask).sum(),
             "tokens": mask.sum(),

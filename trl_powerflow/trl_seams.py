@@ -11,7 +11,6 @@ TRL code each relies on.
   as an object may lack or no longer match; a frozen copy of the object serves instead.
 - `LogZGradientCallback`: a learned log Z head belongs to the trainer, not the model: DDP does not average its
   gradients and `model.zero_grad()` skips it.
-- `constant`: the learned head's learning-rate factor, replacing the policy's schedule for its parameter group.
 - `last_complete_checkpoint`: Trainer resumes from the highest-numbered checkpoint, even one a crash left half-written.
 - `check_inputs`: GRPO rejects a dataset without prompts only at the first step, after loading the model, and
   accepts a vision-language processor whose images the policy pass would drop.
@@ -78,10 +77,6 @@ class LogZGradientCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.log_z.zero_grad(set_to_none=True)
-
-
-def constant(step):
-    return 1.0
 
 
 def last_complete_checkpoint(output_dir: str, with_log_z: bool = True) -> str | None:
