@@ -19,6 +19,7 @@ Example (the README's run, one process per seed, then the combined table):
     python benchmarks/alpha_selection.py --combine alpha_selection_seed0 alpha_selection_seed1 --name alpha_selection
 """
 
+import argparse
 import json
 import sys
 import time
@@ -40,6 +41,15 @@ def parse_args(argv=None):
     p.add_argument("--alphas", nargs="+", type=float, default=[1.5, 2.0, 4.0, 8.0], help="The fixed-alpha sweep.")
     p.add_argument("--target_entropy_ratio", type=float, default=0.25, help="The one target of the entropy rows.")
     p.add_argument("--alpha_step_size", type=float, default=0.1, help="Step size of the entropy-targeted alpha.")
+    p.add_argument(
+        "--entropy_row",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Run the entropy-targeted rows (--no-entropy_row: the fixed-alpha sweep only).",
+    )
+    p.add_argument(
+        "--alpha_warmup_steps", type=int, default=0, help="Fixed-alpha rows: alpha goes from 1 to alpha over N steps."
+    )
     p.add_argument("--combine", nargs="+", default=None, help="Result folders to merge into one table (no run).")
     common.add_eval_arguments(p, num_eval_prompts=40, k=8)
     return p.parse_args(argv)
@@ -73,7 +83,7 @@ def main(argv=None):
     def evaluate(model, seed):
         return capitals.evaluate(model, tokenizer, test, args, seed, batch_size=args.eval_batch_size)
 
-    rows = ["start", *(f"alpha{alpha:g}" for alpha in args.alphas), "entropy"]
+    rows = ["start", *(f"alpha{alpha:g}" for alpha in args.alphas)] + (["entropy"] if args.entropy_row else [])
     results = {start: {row: [] for row in rows} for start in args.start_models}
     save = common.results_writer(args, results, report, plot, started)
     for start in args.start_models:
@@ -94,7 +104,7 @@ def main(argv=None):
                 config = dict(alpha=1.0, target_entropy_ratio=args.target_entropy_ratio)
                 config.update(alpha_step_size=args.alpha_step_size)
             else:
-                config = dict(alpha=float(row[len("alpha") :]))
+                config = dict(alpha=float(row[len("alpha") :]), alpha_warmup_steps=args.alpha_warmup_steps)
             r = common.train_and_evaluate(
                 start_path,
                 tokenizer,
@@ -164,7 +174,12 @@ def report(args, results):
         f"or alpha=2 (sharp), merged. Each row trains {args.max_steps} steps x {args.prompts_per_step} prompts x "
         f"{args.num_generations} samples from its start model (its PowerFlow base), max {args.max_completion_length} "
         f"new tokens, LoRA r={args.lora_r}, lr {args.learning_rate}, log Z estimator {args.log_z_estimator}. "
-        f"Entropy-targeted rows: target_entropy_ratio={args.target_entropy_ratio}, alpha starting at 1, step size "
+        + (
+            f"Fixed-alpha rows warm up from alpha=1 over {args.alpha_warmup_steps} steps. "
+            if args.alpha_warmup_steps
+            else ""
+        )
+        + f"Entropy-targeted rows: target_entropy_ratio={args.target_entropy_ratio}, alpha starting at 1, step size "
         f"{args.alpha_step_size}. Held-out: first {args.num_eval_prompts} test-split capital questions, {k} samples "
         f"each at T=1 (matcher 'contains'). Spread = half the range over seeds"
         + (f" ({', '.join(map(str, seeds))})" if seeds and not args.combine else "")
