@@ -698,3 +698,19 @@ def test_a_vision_language_processor_is_refused_before_loading(tmp_path, tokeniz
         PowerFlowTrainer(
             model="no/such-model", args=make_config(tmp_path), train_dataset=_dataset(), processing_class=processor
         )
+
+
+def test_the_prompt_conditioned_head_is_refused_where_weights_are_sharded(tmp_path, tokenizer, monkeypatch):
+    from trl_powerflow import trainer as trainer_module
+    from trl_powerflow.trl_seams import shards_parameters
+
+    plain = _trainer(tmp_path, tokenizer, log_z_estimator="learned")
+    assert not shards_parameters(plain)
+    monkeypatch.setattr(plain, "is_fsdp_enabled", True)
+    assert shards_parameters(plain)
+
+    monkeypatch.setattr(trainer_module, "shards_parameters", lambda trainer: True)  # as under ZeRO-3 or FSDP
+    with pytest.raises(ValueError, match="ZeRO-3 and FSDP shard"):
+        _trainer(tmp_path, tokenizer, log_z_estimator="learned")
+    _trainer(tmp_path, tokenizer, log_z_estimator="learned", log_z_conditioning="scalar")  # reads no weights
+    _trainer(tmp_path, tokenizer)  # the group estimate has no head

@@ -20,6 +20,7 @@ from .log_z import LOG_Z_FILE, LogZ, prompt_embeddings
 from .objective import powerflow_loss
 from .prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
 from .trl_seams import (
+    SHARDED_HEAD_ERROR,
     VLM_ERROR,
     LogZGradientCallback,
     attribute_set_to,
@@ -27,6 +28,7 @@ from .trl_seams import (
     last_complete_checkpoint,
     no_reward,
     prepare_in_memory_base,
+    shards_parameters,
 )
 
 
@@ -122,6 +124,8 @@ class PowerFlowTrainer(GRPOTrainer):
 
         self.log_z = None  # log_z_estimator="group": estimated in `_compute_loss`, nothing to learn or save
         if args.log_z_estimator == "learned":
+            if args.log_z_conditioning == "prompt" and shards_parameters(self):
+                raise ValueError(SHARDED_HEAD_ERROR)
             embeddings = self.accelerator.unwrap_model(self.model).get_input_embeddings()
             embedding_dim = embeddings.embedding_dim if args.log_z_conditioning == "prompt" else None
             # GRPO leaves a different seed on each process (for sampling): draw the head's init from the run's seed
