@@ -216,24 +216,24 @@ def test_demo_small(capsys, tmp_path):
 def test_launch_flags_go_to_accelerate_launch_and_the_rest_to_train(monkeypatch, tiny_model_dir, prompts_file):
     import trl
 
-    from trl_powerflow.cli import launch, split_launch_arguments
+    from trl_powerflow.cli import parse_or_launch
 
-    argv = ["--accelerate_config", "zero3", "--num_processes", "8", "--model_name_or_path", tiny_model_dir]
-    argv += ["--dataset_name", prompts_file, "--alpha", "2"]
-    launch_args, train_argv = split_launch_arguments(make_train_parser(), argv)
-    zero3 = os.path.join(os.path.dirname(trl.__file__), "accelerate_configs", "zero3.yaml")
-    assert launch_args == ["--config_file", zero3, "--num_processes", "8"]  # TRL's shipped config, resolved by TRL
-    assert train_argv == ["--model_name_or_path", tiny_model_dir, "--dataset_name", prompts_file, "--alpha", "2"]
-
+    train_argv = ["--model_name_or_path", tiny_model_dir, "--dataset_name", prompts_file, "--alpha", "2"]
     launched = []
-    launch(launch_args, train_argv, launch_command_fn=launched.append)
+    argv = ["--accelerate_config", "zero3", *train_argv[:2], "--num_processes", "8", *train_argv[2:]]
+    assert parse_or_launch(make_train_parser(), argv, launch_command_fn=launched.append) is None
     (args,) = launched
-    assert args.config_file == zero3 and args.num_processes == 8
+    zero3 = os.path.join(os.path.dirname(trl.__file__), "accelerate_configs", "zero3.yaml")
+    assert args.config_file == zero3 and args.num_processes == 8  # TRL's shipped config, resolved by TRL
     assert args.module and args.training_script == "trl_powerflow.cli"
     assert args.training_script_args == ["train", *train_argv]
     assert "TRL_POWERFLOW_LAUNCHED" not in os.environ  # only the launched processes see it
-    # Without launch flags, training runs in this process
-    assert split_launch_arguments(make_train_parser(), train_argv) == ([], train_argv)
+
+    # Without launch flags, or in a launched process, the training arguments come back to train here
+    script_args, training_args, model_args = parse_or_launch(make_train_parser(), train_argv)
+    assert training_args.alpha == 2.0 and script_args.dataset_name == prompts_file
+    monkeypatch.setenv("TRL_POWERFLOW_LAUNCHED", "1")
+    assert parse_or_launch(make_train_parser(), argv)[1].alpha == 2.0
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from ..demo import DemoArguments
 from .common import PROG, CLIError, _parse
 from .data import PowerFlowScriptArguments, load_prompts
 from .evaluate import EvaluateArguments, evaluate_command, make_evaluate_parser
-from .launch import launch, split_launch_arguments
+from .launch import parse_or_launch
 from .sample import SampleArguments, make_sample_parser, sample_command
 from .train import make_train_parser, train
 
@@ -106,12 +106,10 @@ def main(argv: list[str] | None = None):
         (args,) = _parse(make_demo_parser(), argv)
         run_demo(args)
     else:
-        launch_args, train_argv = split_launch_arguments(make_train_parser(), argv)
-        if launch_args:  # --num_processes, --accelerate_config, ...: through `accelerate launch`, as `trl grpo`
-            launch(launch_args, train_argv)
-        else:
-            script_args, training_args, model_args = _parse(make_train_parser(), train_argv)
-            train(script_args, training_args, model_args)
+        # --num_processes, --accelerate_config, ...: through `accelerate launch`, as `trl grpo`
+        parsed = parse_or_launch(make_train_parser(), argv)
+        if parsed is not None:
+            train(*parsed)
 
 
 if __name__ == "__main__":

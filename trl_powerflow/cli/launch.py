@@ -28,20 +28,26 @@ def _subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]
     return rest
 
 
-def split_launch_arguments(parser, argv: list[str]) -> tuple[list[str], list[str]]:
-    """`(accelerate launch's arguments, the training arguments)`; no launch arguments in a launched process."""
+def parse_or_launch(parser, argv: list[str], launch_command_fn=None):
+    """
+    The parsed training arguments; or, when `argv` holds `accelerate launch` flags, starts the training on every
+    process through `accelerate launch` and returns `None`.
+    """
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
     try:
-        *_, config_remaining, cli_remaining = parser.parse_args_and_config(
+        *parsed, config_remaining, cli_remaining = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
-        if os.environ.get(LAUNCHED):
-            return [], argv
+        if os.environ.get(LAUNCHED):  # a launched process: the launch flags were the launcher's
+            return parsed
         launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
     except ValueError as error:  # a config check, or an --accelerate_config that is neither a file nor a TRL config
         raise CLIError(error) from None
-    return launch_args, _subtract_subsequence(argv, cli_remaining)
+    if not launch_args:
+        return parsed
+    launch(launch_args, _subtract_subsequence(argv, cli_remaining), launch_command_fn)
+    return None
 
 
 def launch(launch_args: list[str], train_argv: list[str], launch_command_fn=None) -> None:
