@@ -1,9 +1,34 @@
-"""Exact sequence distributions of a tiny model, by enumerating every completion of at most `max_length` tokens."""
+"""Exact sequence distributions of a tiny model, by enumerating every completion of at most `max_length` tokens; and
+the enumerable toy that `test_fixed_point.py` and `test_alpha.py` train."""
 
 import itertools
 import math
 
 import torch
+from conftest import make_config, make_model
+from datasets import Dataset
+
+from trl_powerflow import PowerFlowTrainer
+
+
+TOY_WORDS = ["<pad>", "<eos>", "a", "b", "p0", "p1"]
+TOY_PROMPTS = ["p0", "p1"]
+TOY_MAX_LENGTH = 3
+
+
+def toy_base_model(tokenizer):
+    # A peaked random base (initializer_range=0.3) where the two targets are far apart, with enough capacity
+    # (2 layers) to represent every conditional of the 2 × 31 prefixes exactly.
+    return make_model(tokenizer, seed=2, hidden_size=32, num_layers=2, initializer_range=0.3)
+
+
+def toy_trainer(tmp_path, model, tokenizer, prompts=TOY_PROMPTS, reward_funcs=None, **config):
+    """A trainer on the toy: 64 samples a step (32 per prompt), a learning rate at which it converges in 500 steps."""
+    settings = dict(per_device_train_batch_size=64, num_generations=32, learning_rate=2e-3, max_steps=500)
+    settings.update(max_completion_length=TOY_MAX_LENGTH, logging_steps=100)
+    args = make_config(tmp_path, **{**settings, **config})
+    dataset = Dataset.from_dict({"prompt": prompts * 64})
+    return PowerFlowTrainer(model, reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
 def enumerate_completions(vocab_size, eos_id, max_length):

@@ -11,15 +11,20 @@ import pytest
 import torch
 from conftest import make_config, make_model, make_tokenizer
 from datasets import Dataset
-from exact import enumerate_completions, length_aware_target, mean_token_entropy, sequence_log_probs
+from exact import (
+    TOY_MAX_LENGTH,
+    TOY_PROMPTS,
+    TOY_WORDS,
+    enumerate_completions,
+    length_aware_target,
+    mean_token_entropy,
+    sequence_log_probs,
+    toy_base_model,
+    toy_trainer,
+)
 
 from trl_powerflow import PowerFlowTrainer
 from trl_powerflow.alpha import AlphaController
-
-
-WORDS = ["<pad>", "<eos>", "a", "b", "p0", "p1"]
-PROMPTS = ["p0", "p1"]
-MAX_LENGTH = 3
 
 
 def _exact_entropy(base_logps, lengths, completions, alpha):
@@ -45,26 +50,16 @@ def _alpha_with_entropy(base_logps, lengths, completions, entropy):
 
 @pytest.mark.parametrize("ratio", [0.5, 1.2])
 def test_entropy_controller_settles_at_the_alpha_whose_target_has_the_requested_entropy(tmp_path, ratio):
-    tokenizer = make_tokenizer(WORDS)
-    model = make_model(tokenizer, seed=2, hidden_size=32, num_layers=2, initializer_range=0.3)
-    completions = enumerate_completions(len(tokenizer), tokenizer.eos_token_id, MAX_LENGTH)
+    tokenizer = make_tokenizer(TOY_WORDS)
+    model = toy_base_model(tokenizer)
+    completions = enumerate_completions(len(tokenizer), tokenizer.eos_token_id, TOY_MAX_LENGTH)
     lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
-    base_logps = [sequence_log_probs(model, tokenizer(p)["input_ids"], completions) for p in PROMPTS]
+    base_logps = [sequence_log_probs(model, tokenizer(p)["input_ids"], completions) for p in TOY_PROMPTS]
     base_entropy = _exact_entropy(base_logps, lengths, completions, 1.0)
 
-    args = make_config(
-        tmp_path,
-        alpha=1.0,
-        target_entropy_ratio=ratio,
-        max_completion_length=MAX_LENGTH,
-        per_device_train_batch_size=64,
-        num_generations=32,
-        learning_rate=2e-3,
-        max_steps=600,
-        logging_steps=1,
+    trainer = toy_trainer(
+        tmp_path, model, tokenizer, alpha=1.0, target_entropy_ratio=ratio, max_steps=600, logging_steps=1
     )
-    dataset = Dataset.from_dict({"prompt": PROMPTS * 64})
-    trainer = PowerFlowTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
 
     controller = trainer.alpha_controller
@@ -75,7 +70,7 @@ def test_entropy_controller_settles_at_the_alpha_whose_target_has_the_requested_
     settled = math.exp(sum(math.log(a) for a in alphas[-200:]) / 200)  # geometric mean over the last third
     model.eval()
     reached = _exact_entropy(
-        [sequence_log_probs(model, tokenizer(p)["input_ids"], completions) for p in PROMPTS],
+        [sequence_log_probs(model, tokenizer(p)["input_ids"], completions) for p in TOY_PROMPTS],
         lengths,
         completions,
         1.0,

@@ -12,22 +12,19 @@ A loss curve going down would not show this: a trainer that reaches the wrong fi
 
 import pytest
 import torch
-from conftest import make_config, make_model, make_tokenizer
-from datasets import Dataset
-from exact import enumerate_completions, length_aware_target, sequence_log_probs, total_variation, trajectory_target
-
-from trl_powerflow import PowerFlowTrainer
-
-
-WORDS = ["<pad>", "<eos>", "a", "b", "p0", "p1"]
-PROMPTS = ["p0", "p1"]
-MAX_LENGTH = 3
-
-
-def _base_model(tokenizer):
-    # A peaked random base (initializer_range=0.3) where the two targets are far apart, with enough capacity
-    # (2 layers) to represent every conditional of the 2 × 31 prefixes exactly.
-    return make_model(tokenizer, seed=2, hidden_size=32, num_layers=2, initializer_range=0.3)
+from conftest import make_tokenizer
+from exact import (
+    TOY_MAX_LENGTH,
+    TOY_PROMPTS,
+    TOY_WORDS,
+    enumerate_completions,
+    length_aware_target,
+    sequence_log_probs,
+    total_variation,
+    toy_base_model,
+    toy_trainer,
+    trajectory_target,
+)
 
 
 def _psi(completion, a_id):
@@ -35,10 +32,10 @@ def _psi(completion, a_id):
     return -0.5 if a_id in completion else 0.0
 
 
-def _train_and_compare(tmp_path, alpha, length_normalization, with_psi=False, prompts=PROMPTS, **config):
-    tokenizer = make_tokenizer(WORDS)
-    model = _base_model(tokenizer)
-    completions = enumerate_completions(len(tokenizer), tokenizer.eos_token_id, MAX_LENGTH)
+def _train_and_compare(tmp_path, alpha, length_normalization, with_psi=False, prompts=TOY_PROMPTS, **config):
+    tokenizer = make_tokenizer(TOY_WORDS)
+    model = toy_base_model(tokenizer)
+    completions = enumerate_completions(len(tokenizer), tokenizer.eos_token_id, TOY_MAX_LENGTH)
     lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
     a_id = tokenizer.convert_tokens_to_ids("a")
     psi = torch.tensor([_psi(c, a_id) if with_psi else 0.0 for c in completions])
@@ -54,21 +51,17 @@ def _train_and_compare(tmp_path, alpha, length_normalization, with_psi=False, pr
     def reward(completions, completion_ids, **kwargs):
         return [_psi(ids, a_id) for ids in completion_ids]
 
-    args = make_config(
+    reward_funcs = reward if with_psi else None
+    trainer = toy_trainer(
         tmp_path,
+        model,
+        tokenizer,
+        prompts,
+        reward_funcs,
         alpha=alpha,
         length_normalization=length_normalization,
-        max_completion_length=MAX_LENGTH,
-        per_device_train_batch_size=64,
-        num_generations=32,
-        learning_rate=2e-3,
-        max_steps=500,
-        logging_steps=100,
         **config,
     )
-    dataset = Dataset.from_dict({"prompt": prompts * 64})
-    reward_funcs = reward if with_psi else None
-    trainer = PowerFlowTrainer(model, reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
 
     model.eval()
