@@ -76,3 +76,12 @@ def test_generation_batch_carries_what_the_objective_reads(tmp_path, tokenizer):
     trainer._reuses_first_pass = lambda: False
     batch = trainer._generate_and_score_completions([{"prompt": "p0"}] * 2 + [{"prompt": "p1"}] * 2)
     assert batch["old_per_token_logps"].shape == batch["ref_per_token_logps"].shape
+
+
+def test_the_cli_helpers_we_reuse_keep_their_behaviour():
+    # `trl-powerflow train --accelerate_config/--num_processes` splits its flags with TRL's own helpers
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+    from trl.cli.commands.training import _subtract_subsequence
+
+    assert _subtract_subsequence(["--a", "1", "--n", "2", "--b"], ["--n", "2"]) == ["--a", "1", "--b"]
+    assert resolve_accelerate_config_argument(["--num_processes", "2"]) == ["--num_processes", "2"]

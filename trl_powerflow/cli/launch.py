@@ -16,24 +16,13 @@ from .common import CLIError
 LAUNCHED = "TRL_POWERFLOW_LAUNCHED"
 
 
-def _subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
-    """`items` without the ordered `subsequence` (the remaining strings, in the order argparse found them)."""
-    rest, pending = [], iter(subsequence)
-    current = next(pending, None)
-    for item in items:
-        if current is not None and item == current:
-            current = next(pending, None)
-        else:
-            rest.append(item)
-    return rest
-
-
 def parse_or_launch(parser, argv: list[str], launch_command_fn=None):
     """
     The parsed training arguments; or, when `argv` holds `accelerate launch` flags, starts the training on every
     process through `accelerate launch` and returns `None`.
     """
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
+    from trl.cli.commands.training import _subtract_subsequence  # how `trl grpo` keeps the training flags
 
     try:
         *parsed, config_remaining, cli_remaining = parser.parse_args_and_config(
