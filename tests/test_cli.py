@@ -1,7 +1,9 @@
 """The `trl-powerflow` command: help texts, one-line errors on bad input, and a tiny train + sample round trip."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -256,8 +258,16 @@ def test_train_on_two_processes_through_accelerate_launch(tiny_model_dir, prompt
     command += ["--output_dir", str(tmp_path / "out"), "--report_to", "none", "--logging_steps", "1"]
     command += [*TRAIN_FLAGS[:-4], "--save_strategy", "steps", "--save_steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Its own session, so that no worker outlives the test (a rank was once seen waiting at exit after its run)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, stderr[-3000:]
     state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
     # 8 prompts, a global batch of 2 processes × 4 samples = 2 prompts per step: a quarter epoch per step
     assert [log["epoch"] for log in state["log_history"] if "loss" in log] == [0.25, 0.5]

@@ -21,7 +21,7 @@ from ..demo import DemoArguments
 from .common import PROG, CLIError, _parse
 from .data import PowerFlowScriptArguments, load_prompts
 from .evaluate import EvaluateArguments, evaluate_command, make_evaluate_parser
-from .launch import parse_or_launch
+from .launch import LAUNCHED, parse_or_launch
 from .sample import SampleArguments, make_sample_parser, sample_command
 from .train import make_train_parser, train
 
@@ -110,6 +110,12 @@ def main(argv: list[str] | None = None):
         parsed = parse_or_launch(make_train_parser(), argv)
         if parsed is not None:
             train(*parsed)
+            if os.environ.get(LAUNCHED):
+                # Everything is saved and every process has finished: exit now. Tearing down the process group at
+                # interpreter exit, while a peer has already gone, can abort or hang the gloo backend.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,9 @@ def train(script_args: PowerFlowScriptArguments, training_args: PowerFlowConfig,
         f"{log_z}"
         f'  try it: {PROG} sample --model_name_or_path {training_args.output_dir} --prompt "..."'
     )
-    if hasattr(trainer, "end"):  # transformers >= 5.18: finish trackers, destroy the process group
+    if trainer.accelerator.num_processes > 1:
+        # Every process is done before any exits; `main` then ends the launched processes (see there)
+        trainer.accelerator.wait_for_everyone()
+    elif hasattr(trainer, "end"):  # transformers >= 5.18: finish trackers
         trainer.end()
     return trainer
