@@ -101,8 +101,9 @@ def main(argv=None):
             if row == "start":
                 return evaluate(start_model, seed)
             if row == "entropy":
-                config = dict(alpha=1.0, target_entropy_ratio=args.target_entropy_ratio)
-                config.update(alpha_step_size=args.alpha_step_size)
+                config = dict(
+                    alpha=1.0, target_entropy_ratio=args.target_entropy_ratio, alpha_step_size=args.alpha_step_size
+                )
             else:
                 config = dict(alpha=float(row[len("alpha") :]), alpha_warmup_steps=args.alpha_warmup_steps)
             r = common.train_and_evaluate(

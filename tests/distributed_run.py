@@ -16,6 +16,7 @@ from conftest import make_config, make_model, make_tokenizer  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from trl_powerflow import PowerFlowTrainer  # noqa: E402
+from trl_powerflow.cli.train import finish  # noqa: E402
 
 
 def main(output_dir, per_device_batch_size, estimator, device="cpu"):
@@ -55,12 +56,7 @@ def main(output_dir, per_device_batch_size, estimator, device="cpu"):
         f.write(engine)
     with open(os.path.join(output_dir, f"should_save_rank{rank}.txt"), "w") as f:
         f.write(str(trainer.args.should_save))
-    # As `trl-powerflow train` does on several processes: tearing down the gloo process group at interpreter exit,
-    # after a peer has gone, can abort (the arithmetic is what this script tests)
-    trainer.accelerator.wait_for_everyone()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish(trainer)  # as `trl-powerflow train` ends a run
 
 
 if __name__ == "__main__":

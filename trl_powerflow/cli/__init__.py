@@ -21,9 +21,9 @@ from ..demo import DemoArguments
 from .common import PROG, CLIError, _parse
 from .data import PowerFlowScriptArguments, load_prompts
 from .evaluate import EvaluateArguments, evaluate_command, make_evaluate_parser
-from .launch import LAUNCHED, parse_or_launch
+from .launch import parse_or_launch
 from .sample import SampleArguments, make_sample_parser, sample_command
-from .train import make_train_parser, train
+from .train import finish, make_train_parser, train
 
 
 __all__ = [
@@ -109,13 +109,7 @@ def main(argv: list[str] | None = None):
         # --num_processes, --accelerate_config, ...: through `accelerate launch`, as `trl grpo`
         parsed = parse_or_launch(make_train_parser(), argv)
         if parsed is not None:
-            train(*parsed)
-            if os.environ.get(LAUNCHED):
-                # Everything is saved and every process has finished: exit now. Tearing down the process group at
-                # interpreter exit, while a peer has already gone, can abort or hang the gloo backend.
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(0)
+            finish(train(*parsed))
 
 
 if __name__ == "__main__":

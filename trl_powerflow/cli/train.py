@@ -1,6 +1,7 @@
 """`trl-powerflow train`: TRL's script conventions (`trl grpo`), with PowerFlowConfig in place of GRPOConfig."""
 
 import os
+import sys
 import time
 
 from trl import ModelConfig, TrlParser
@@ -122,9 +123,20 @@ def train(script_args: PowerFlowScriptArguments, training_args: PowerFlowConfig,
         f"{log_z}"
         f'  try it: {PROG} sample --model_name_or_path {training_args.output_dir} --prompt "..."'
     )
-    if trainer.accelerator.num_processes > 1:
-        # Every process is done before any exits; `main` then ends the launched processes (see there)
-        trainer.accelerator.wait_for_everyone()
-    elif hasattr(trainer, "end"):  # transformers >= 5.18: finish trackers
-        trainer.end()
     return trainer
+
+
+def finish(trainer) -> None:
+    """
+    After a run. One process: finish the trackers (transformers >= 5.18). Several: wait until every process is done,
+    then exit at once; tearing down the gloo process group at interpreter exit, after a peer has gone, can abort or
+    hang.
+    """
+    if trainer.accelerator.num_processes == 1:
+        if hasattr(trainer, "end"):
+            trainer.end()
+        return
+    trainer.accelerator.wait_for_everyone()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
