@@ -113,7 +113,7 @@ def main(argv=None):
                 args,
                 seed,
                 lambda m: evaluate(m, seed),
-                record=alpha_and_entropy,
+                record=common.alpha_and_entropy,
                 **config,
             )
             print(
@@ -126,14 +126,6 @@ def main(argv=None):
 
         common.run_rows(results[start], args.seeds, run_row, save, label=f"{start}, ")
     save(final=True)
-
-
-def alpha_and_entropy(trainer) -> dict:
-    """Where the trained row's alpha ended and its policy's token entropy at the first and last logged steps."""
-    logs = [log for log in trainer.state.log_history if "entropy" in log]
-    return dict(
-        final_alpha=trainer.current_alpha(), first_entropy=logs[0]["entropy"], final_entropy=logs[-1]["entropy"]
-    )
 
 
 def report(args, results):
@@ -185,23 +177,9 @@ def report(args, results):
         f"each at T=1 (matcher 'contains'). Spread = half the range over seeds"
         + (f" ({', '.join(map(str, seeds))})" if seeds and not args.combine else "")
         + "; the interval is a bootstrap over questions of the per-question accuracy averaged over seeds.\n\n"
-        + entropy_lines(results)
+        + common.entropy_lines(results)
     )
     return table, notes
-
-
-def entropy_lines(results) -> str:
-    """Mean token entropy (nats) at the first and last logged step of every trained row, per start model."""
-    lines = ["Mean token entropy of the policy on its samples, first logged step -> last (mean over seeds):", ""]
-    for start, rows in results.items():
-        cells = [
-            f"{row}: {sum(r['first_entropy'] for r in runs) / len(runs):.2f} -> "
-            f"{sum(r['final_entropy'] for r in runs) / len(runs):.2f}"
-            for row, runs in rows.items()
-            if runs and row != "start"
-        ]
-        lines.append(f"- {start}: " + "; ".join(cells))
-    return "\n".join(lines)
 
 
 def plot(args, results):

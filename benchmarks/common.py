@@ -232,6 +232,28 @@ def train_and_evaluate(
     return result
 
 
+def alpha_and_entropy(trainer) -> dict:
+    """Where the trained row's alpha ended and its policy's token entropy at the first and last logged steps."""
+    logs = [log for log in trainer.state.log_history if "entropy" in log]
+    return dict(
+        final_alpha=trainer.current_alpha(), first_entropy=logs[0]["entropy"], final_entropy=logs[-1]["entropy"]
+    )
+
+
+def entropy_lines(results) -> str:
+    """Mean token entropy (nats) at the first and last logged step of every trained row, per group of rows."""
+    lines = ["Mean token entropy of the policy on its samples, first logged step -> last (mean over seeds):", ""]
+    for start, rows in results.items():
+        cells = [
+            f"{row}: {sum(r['first_entropy'] for r in runs) / len(runs):.2f} -> "
+            f"{sum(r['final_entropy'] for r in runs) / len(runs):.2f}"
+            for row, runs in rows.items()
+            if runs and row != "start"
+        ]
+        lines.append(f"- {start}: " + "; ".join(cells))
+    return "\n".join(lines)
+
+
 def powered_start_model(model_path, tokenizer, train, args, alpha, steps, seed):
     """A start model of another sharpness: `steps` steps of PowerFlow `alpha` from `model_path`, merged and saved to a
     scratch directory. Returns `(path, train_seconds)`."""

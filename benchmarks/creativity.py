@@ -7,7 +7,9 @@ openings), --k samples per prompt:
 - temp1.5:     the start model at temperature 1.5
 - verbalized:  verbalized sampling: the start model is asked for five different responses with their
                probabilities; the items are parsed out and used as the samples (parse rate reported)
-- powerflow:   PowerFlow alpha = --alpha (default 0.5) trained on the creative train split, from the start model
+- powerflow:   PowerFlow trained on the creative train split from the start model: one row per fixed alpha in
+               --alphas (default 0.5), and with --target_entropy_ratio R an `entropy` row whose alpha starts at 1 and
+               is adapted so that the policy's token entropy moves to R times the start model's
 
 Columns: semantic diversity (all-MiniLM-L6-v2, higher = more diverse), distinct-2, ROUGE-L redundancy (lower =
 more diverse), fluency (per-token log-lik of the completion given the prompt under the *original* embedded model
@@ -22,6 +24,8 @@ Example:
 
     python benchmarks/creativity.py --max_steps 20
     python benchmarks/creativity.py --sharpen_steps 20 --max_steps 20 --name creativity_sharpened
+    python benchmarks/creativity.py --sharpen_steps 20 --rows base powerflow --alphas 0.25 0.5 0.75 \
+        --target_entropy_ratio 1.5 --seeds 0 1 --name creativity_alpha
 """
 
 import functools
@@ -50,7 +54,15 @@ def parse_args(argv=None):
     )
     p.add_argument("--rows", nargs="+", default=ALL_ROWS, choices=ALL_ROWS, help="Rows to run.")
     p.add_argument("--kinds", nargs="+", default=["joke", "poem", "story"], help="Creative prompt kinds.")
-    p.add_argument("--alpha", type=float, default=0.5, help="alpha of the powerflow row (< 1 flattens).")
+    p.add_argument(
+        "--alphas", nargs="+", type=float, default=[0.5], help="Fixed alphas of the powerflow rows (< 1 flattens)."
+    )
+    p.add_argument(
+        "--target_entropy_ratio",
+        type=float,
+        default=None,
+        help="Also run an entropy-targeted powerflow row with this target (relative to the start model's entropy).",
+    )
     p.add_argument("--start_from", default=None, help="Start (and reference) model directory instead of --model.")
     p.add_argument(
         "--sharpen_steps",
@@ -158,8 +170,23 @@ def main(argv=None):
             )
             return measure(out.texts, prompts, kinds, judge, tokenizer)
 
-        if row == "powerflow":
-            r = common.train_and_evaluate(start_path, tokenizer, train, args, seed, sampled, alpha=args.alpha)
+        if row == "entropy":
+            r = common.train_and_evaluate(
+                start_path,
+                tokenizer,
+                train,
+                args,
+                seed,
+                sampled,
+                record=common.alpha_and_entropy,
+                alpha=1.0,
+                target_entropy_ratio=args.target_entropy_ratio,
+            )
+        elif row.startswith("alpha"):
+            alpha = float(row[len("alpha") :])
+            r = common.train_and_evaluate(
+                start_path, tokenizer, train, args, seed, sampled, record=common.alpha_and_entropy, alpha=alpha
+            )
         elif row == "verbalized":
             samples, extra = verbalized_samples(start, tokenizer, prompts, args, seed)
             r = {**measure(samples, prompts, kinds, judge, tokenizer), **extra}
@@ -171,7 +198,13 @@ def main(argv=None):
         return r
 
     report_start = functools.partial(report, sharpen_seconds=sharpen_seconds)  # the notes say what sharpening took
-    common.run_benchmark(args, args.rows, run_row, report_start, plot, started)
+    common.run_benchmark(args, table_rows(args), run_row, report_start, plot, started)
+
+
+def table_rows(args) -> list[str]:
+    """`args.rows` with `powerflow` expanded into one row per fixed alpha and the entropy-targeted row."""
+    powerflow = [f"alpha{alpha:g}" for alpha in args.alphas] + (["entropy"] if args.target_entropy_ratio else [])
+    return [name for row in args.rows for name in (powerflow if row == "powerflow" else [row])]
 
 
 def report(args, results, sharpen_seconds=None):
@@ -179,7 +212,8 @@ def report(args, results, sharpen_seconds=None):
         "base": "start model, T=1",
         "temp1.5": "start model, T=1.5",
         "verbalized": "verbalized sampling",
-        "powerflow": f"PowerFlow alpha={args.alpha:g}",
+        "entropy": f"PowerFlow, entropy-targeted (ratio {args.target_entropy_ratio})",
+        **{f"alpha{alpha:g}": f"PowerFlow alpha={alpha:g}" for alpha in args.alphas},
     }
     base = results.get("base")
     base_diversity = common.mean_spread(r["semantic_diversity"] for r in base)[0] if base else None
@@ -191,6 +225,7 @@ def report(args, results, sharpen_seconds=None):
         parse = [r["parse_rate"] for r in rs if "parse_rate" in r]
         label = labels[row] + (f" (parsed {common.fmt(parse, 100, 0)}% of items)" if parse else "")
         train = [r["train_seconds"] / 60 for r in rs if r["train_seconds"]]
+        final_alpha = [r["final_alpha"] for r in rs if "final_alpha" in r]
         rows.append(
             [
                 label,
@@ -201,6 +236,7 @@ def report(args, results, sharpen_seconds=None):
                 common.fmt([r["rouge_l_redundancy"] for r in rs], 1, 3),
                 common.fmt([r["fluency"] for r in rs], 1, 2),
                 common.fmt([r["format_valid"] for r in rs], 100, 0) + "%",
+                common.fmt(final_alpha, 1, 2) if final_alpha else "-",
                 common.fmt(train, 1, 1) if train else "-",
             ]
         )
@@ -213,6 +249,7 @@ def report(args, results, sharpen_seconds=None):
         "ROUGE-L redundancy ↓",
         "fluency (nats/token) ↑",
         "format valid",
+        "final α",
         "train wall (min)",
     ]
     if args.sharpen_steps:
@@ -228,6 +265,9 @@ def report(args, results, sharpen_seconds=None):
         f"samples each, max {args.max_completion_length} new tokens. Fluency judge: {args.model} (original). "
         + common.training_note(args)
     )
+    trained = {row: rs for row, rs in results.items() if rs and "final_entropy" in rs[0]}
+    if trained:
+        notes += "\n\n" + common.entropy_lines({"start model": trained})
     return common.markdown_table(headers, rows), notes
 
 

@@ -10,6 +10,8 @@ Configurations (--configs):
 - plain_tb:     alpha = --alpha, length_normalization=False (trajectory TB)
 - control:      alpha = 1 (target = base model; loss and gradient zero at the start)
 
+With --alpha_warmup_steps N, the length_aware and plain_tb runs warm α up from 1 to --alpha over their first N steps.
+
 Example:
 
     python benchmarks/length_ablation.py --max_steps 30 --eval_every 5
@@ -39,6 +41,12 @@ def parse_args(argv=None):
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="Configurations to run.")
     p.add_argument("--alpha", type=float, default=4.0, help="alpha of the length_aware and plain_tb runs.")
     p.add_argument("--eval_every", type=int, default=5, help="Evaluate every N steps (and at step 0).")
+    p.add_argument(
+        "--alpha_warmup_steps",
+        type=int,
+        default=0,
+        help="length_aware and plain_tb: alpha goes from 1 to --alpha over N steps.",
+    )
     common.add_eval_arguments(
         p, num_eval_prompts=12, k=4, batch_size=False, prompts_help="Held-out questions per evaluation."
     )
@@ -79,6 +87,8 @@ def main(argv=None):
 
     def run_row(name, seed):
         options, curve = {"alpha": args.alpha, **CONFIGS[name]}, []
+        if options["alpha"] != 1.0 and args.alpha_warmup_steps:
+            options["alpha_warmup_steps"] = args.alpha_warmup_steps
         callback = make_callback(tokenizer, test, args, seed, curve)
         run = common.train_and_evaluate(model_path, tokenizer, train, args, seed, callbacks=[callback], **options)
         history = run["log_history"]
@@ -116,9 +126,10 @@ def report(args, results):
             f"{common.fmt(lengths[s], 1, 1)} / {common.fmt(accuracy[s], 100, 0)}" if s in lengths else "-"
             for s in steps
         ]
-        alpha = runs[0]["options"]["alpha"]
+        options = runs[0]["options"]
+        warmup = f", warmup {options['alpha_warmup_steps']}" if options.get("alpha_warmup_steps") else ""
         wall = common.fmt([r["train_seconds"] / 60 for r in runs], 1, 1)
-        rows.append([f"{name} (alpha={alpha:g})", len(runs), wall, *cells])
+        rows.append([f"{name} (alpha={options['alpha']:g}{warmup})", len(runs), wall, *cells])
     notes = (
         f"Held-out: first {args.num_eval_prompts} test-split capital questions x {args.k} samples at T=1, max "
         f"{args.max_completion_length} new tokens (length counts EOS; a cut completion counts "

@@ -42,6 +42,14 @@ def test_parse_verbalized_strips_numbers_and_probabilities():
     assert creativity.parse_verbalized("no list here") == []
 
 
+def test_creativity_powerflow_rows_are_one_per_alpha_and_the_entropy_row():
+    args = creativity.parse_args(
+        ["--rows", "base", "powerflow", "--alphas", "0.25", "0.5", "--target_entropy_ratio", "1.5"]
+    )
+    assert creativity.table_rows(args) == ["base", "alpha0.25", "alpha0.5", "entropy"]
+    assert creativity.table_rows(creativity.parse_args([])) == ["base", "temp1.5", "verbalized", "alpha0.5"]
+
+
 def test_write_results_is_atomic_and_complete(results_root):
     args = length_ablation.parse_args(["--name", "demo"])
     plotted = []
