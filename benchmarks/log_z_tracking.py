@@ -8,9 +8,14 @@ means the loss has turned into plain self-sharpening. Prompt sets (--prompt_sets
 - templated: unlabeled "What is the capital of X? Answer in one word." (one template, one slot)
 - mixed:     the capitals set's four question kinds (capitals, chemical symbols, authors, languages)
 
+The learned head runs once per prompt feature in --log_z_conditionings (`embedding`: the mean input embedding of
+the prompt; `hidden`: the last layer's hidden state at its last token; `scalar`: none), and also records
+`powerflow/log_z_gap`, the mean distance of log Z'(x) to each prompt's own target.
+
 Example (the README's table):
 
     python benchmarks/log_z_tracking.py --max_steps 20
+    python benchmarks/log_z_tracking.py --estimators learned --log_z_conditionings embedding hidden --seeds 0 1
 """
 
 import statistics
@@ -26,13 +31,20 @@ from benchmarks import common  # noqa: E402
 
 PROMPT_SETS = {"templated": ["capital"], "mixed": None}
 ESTIMATORS = ["group", "learned"]
-KEYS = ["residual_mean", "residual_abs", "log_z", "policy_logp", "base_logp", "completion_length"]  # powerflow/<key>
+KEYS = ["residual_mean", "residual_abs", "log_z", "policy_logp", "base_logp", "completion_length", "log_z_gap"]
 
 
 def parse_args(argv=None):
     p = common.argument_parser(__doc__, "log_z_tracking", max_steps=20)
     p.add_argument("--prompt_sets", nargs="+", default=list(PROMPT_SETS), choices=list(PROMPT_SETS))
     p.add_argument("--estimators", nargs="+", default=ESTIMATORS, choices=ESTIMATORS)
+    p.add_argument(
+        "--log_z_conditionings",
+        nargs="+",
+        default=["embedding"],
+        choices=["embedding", "hidden", "scalar"],
+        help="Learned head: the prompt features to compare (one row each).",
+    )
     p.add_argument("--alpha", type=float, default=4.0, help="Power of the target.")
     p.add_argument("--last", type=int, default=5, help="Summarise the last N steps.")
     p.add_argument("--num_train_prompts", type=int, default=40, help="First N training questions of each set.")
@@ -50,17 +62,24 @@ def main(argv=None):
 
     def run_row(row, seed):
         prompt_set, estimator = row.split("/")
+        estimator, _, conditioning = estimator.partition("-")
+        config = dict(log_z_conditioning=conditioning) if conditioning else {}
         train = load_prompt_set("capitals", split="train", kinds=PROMPT_SETS[prompt_set], seed=seed).shuffle(seed=0)
         train = train.select(range(min(args.num_train_prompts, len(train)))).select_columns(["prompt"])
         run = common.train_and_evaluate(
-            model_path, tokenizer, train, args, seed, alpha=args.alpha, log_z_estimator=estimator
+            model_path, tokenizer, train, args, seed, alpha=args.alpha, log_z_estimator=estimator, **config
         )
         logs = [h for h in run["log_history"] if "powerflow/residual_mean" in h]
-        curves = {key: [h[f"powerflow/{key}"] for h in logs] for key in KEYS}
+        curves = {key: [h[f"powerflow/{key}"] for h in logs] for key in KEYS if f"powerflow/{key}" in logs[0]}
         curves["entropy"] = [h["entropy"] for h in logs]
         return {**curves, "seconds_per_step": run["train_seconds"] / args.max_steps}
 
-    rows = [f"{name}/{estimator}" for name in PROMPT_SETS if name in args.prompt_sets for estimator in args.estimators]
+    estimators = [
+        name
+        for estimator in args.estimators
+        for name in ([estimator] if estimator == "group" else [f"learned-{c}" for c in args.log_z_conditionings])
+    ]
+    rows = [f"{name}/{estimator}" for name in PROMPT_SETS if name in args.prompt_sets for estimator in estimators]
     common.run_benchmark(args, rows, run_row, report, plot, started)
 
 
@@ -74,6 +93,7 @@ def report(args, results):
         "prompt set / log Z",
         f"mean abs(residual_mean), last {args.last} steps",
         "largest abs(residual_mean), same steps",
+        f"log_z_gap, last {args.last} steps",
         "residual_abs",
         "log Z'",
         "entropy",
@@ -90,6 +110,7 @@ def report(args, results):
                 row,
                 summary(runs, "residual_mean", args.last, absolute=True),
                 common.fmt(largest, digits=2),
+                summary(runs, "log_z_gap", args.last) if "log_z_gap" in runs[0] else "0 (by construction)",
                 summary(runs, "residual_abs", args.last),
                 summary(runs, "log_z", args.last),
                 summary(runs, "entropy", args.last),

@@ -48,7 +48,7 @@ def test_qlora_bf16_trains_the_adapter_only(tmp_path, tokenizer):
         args=_gpu_config(
             tmp_path / "out",
             model_init_kwargs={"quantization_config": quantization, "device_map": {"": 0}, "dtype": torch.bfloat16},
-            log_z_estimator="learned",  # the head reads the input embeddings of a 4-bit model
+            log_z_estimator="learned",  # the head reads the prompt features of a 4-bit model's pass
         ),
         train_dataset=_dataset(),
         processing_class=tokenizer,

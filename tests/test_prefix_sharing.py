@@ -12,6 +12,7 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from trl_powerflow import PowerFlowTrainer
+from trl_powerflow.log_z import _decoder, captured_prompt_features
 from trl_powerflow.prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
 
 
@@ -217,3 +218,37 @@ def test_training_with_and_without_sharing_is_the_same_run(tmp_path, monkeypatch
     assert losses[0] == pytest.approx(losses[1], rel=1e-5) and max(losses[1]) > 0
     for (name, p), q in zip(unshared.model.named_parameters(), shared.model.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "gpt_neox"])
+@pytest.mark.parametrize("lora,gradient_checkpointing", [(False, False), (True, True)])
+@pytest.mark.parametrize("sharing", [True, False])
+def test_log_z_prompt_features_are_read_off_the_pass_shared_or_not(
+    tmp_path, name, lora, gradient_checkpointing, sharing
+):
+    """The learned head's features, captured from the policy's pass (one or two calls per chunk of rows), equal the
+    mean input embedding of each prompt and the decoder's last-layer state at its last token."""
+    trainer = _trainer(tmp_path, name, lora, gradient_checkpointing)
+    trainer.args.prefix_sharing = sharing
+    trainer.model.train()
+    if gradient_checkpointing:
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    input_ids, attention_mask, completion_mask = _batch(trainer.model.config.vocab_size)
+    length = completion_mask.size(1)
+    prompt_ids, prompt_mask = input_ids[:, :-length], attention_mask[:, :-length]
+    model = trainer.model
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(prompt_ids) * prompt_mask.unsqueeze(-1)
+        expected = {
+            "embedding": embeds.sum(1) / prompt_mask.sum(1, keepdim=True),
+            "hidden": _decoder(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 5],
+        }
+    for feature, value in expected.items():
+        with captured_prompt_features(model, feature, prompt_ids, prompt_mask) as features:
+            trainer._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, length, batch_size=4, compute_entropy=True
+            )
+        torch.testing.assert_close(features(), value, rtol=1e-5, atol=1e-5, msg=feature)
+    # Rows of the same prompt share its features; different prompts do not
+    assert torch.equal(expected["hidden"][0], expected["hidden"][3])
+    assert not torch.allclose(expected["hidden"][0], expected["hidden"][1])

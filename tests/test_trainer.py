@@ -700,17 +700,22 @@ def test_a_vision_language_processor_is_refused_before_loading(tmp_path, tokeniz
         )
 
 
-def test_the_prompt_conditioned_head_is_refused_where_weights_are_sharded(tmp_path, tokenizer, monkeypatch):
-    from trl_powerflow import trainer as trainer_module
-    from trl_powerflow.trl_seams import shards_parameters
+def test_a_log_z_head_on_another_prompt_feature_is_refused_and_a_legacy_one_loads(tmp_path):
+    from safetensors.torch import save_file
 
-    plain = _trainer(tmp_path, tokenizer, log_z_estimator="learned")
-    assert not shards_parameters(plain)
-    monkeypatch.setattr(plain, "is_fsdp_enabled", True)
-    assert shards_parameters(plain)
+    from trl_powerflow.log_z import LogZ
 
-    monkeypatch.setattr(trainer_module, "shards_parameters", lambda trainer: True)  # as under ZeRO-3 or FSDP
-    with pytest.raises(ValueError, match="ZeRO-3 and FSDP shard"):
-        _trainer(tmp_path, tokenizer, log_z_estimator="learned")
-    _trainer(tmp_path, tokenizer, log_z_estimator="learned", log_z_conditioning="scalar")  # reads no weights
-    _trainer(tmp_path, tokenizer)  # the group estimate has no head
+    LogZ("hidden", 8).save(str(tmp_path))
+    with pytest.raises(ValueError, match="`log_z_conditioning='hidden'` to resume"):
+        LogZ("embedding", 8).load(str(tmp_path))
+    LogZ("hidden", 8).load(str(tmp_path))
+    # Before the choice of features, a prompt-conditioned head read the mean input embedding
+    legacy = LogZ("embedding", 8)
+    legacy.start_at(-3.0)
+    tensors = {name: tensor.contiguous() for name, tensor in legacy.state_dict().items()}
+    save_file(tensors, str(tmp_path / "log_z.safetensors"), metadata={"embedding_dim": "8", "hidden_size": "256"})
+    restored = LogZ("embedding", 8)
+    restored.load(str(tmp_path))
+    assert restored.bias.item() == -3.0 and bool(restored.initialized)
+    with pytest.raises(ValueError, match="'embedding'"):
+        LogZ().load(str(tmp_path))

@@ -1,8 +1,10 @@
 """The learned log partition function log Z'(x) of PowerFlow, owned by the trainer (not part of the model)."""
 
+import contextlib
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -11,31 +13,38 @@ from ._io import atomic_path
 
 
 LOG_Z_FILE = "log_z.safetensors"
+PROMPT_FEATURES = ("embedding", "hidden")  # what a prompt-conditioned head reads (`captured_prompt_features`)
 
 
 class LogZ(nn.Module):
     r"""
-    log Z'_φ(x) = b + MLP(mean of the prompt's input embeddings), or the scalar b alone.
+    log Z'_φ(x) = b + MLP(f(x)), with f(x) a detached feature of the prompt read off the policy's own pass (see
+    [`captured_prompt_features`]), or the scalar b alone.
 
-    The prompt-conditioned head reads the *detached* mean of the prompt's input embeddings, so it is cheap, needs no
-    hidden states and works unchanged on 4-bit models. Its last layer starts at zero, so at the start log Z' = b for
-    every prompt; the trainer sets b from the first batch (a data-driven start, see `PowerFlowConfig.log_z_init`).
+    Its last layer starts at zero, so at the start log Z' = b for every prompt; the trainer sets b from the first
+    batch (a data-driven start, see `PowerFlowConfig.log_z_init`).
 
     Args:
-        embedding_dim (`int` or `None`):
-            Width of the model's input embeddings, or `None` for a scalar log Z (one value for every prompt).
+        feature (`str` or `None`):
+            The prompt feature f(x), `"embedding"` or `"hidden"`, or `None` for a scalar log Z (one value for every
+            prompt).
+        feature_size (`int` or `None`):
+            Width of the feature (`None` for a scalar log Z).
         hidden_size (`int`, defaults to `256`):
             Width of the MLP's hidden layers.
     """
 
-    def __init__(self, embedding_dim: int | None, hidden_size: int = 256):
+    def __init__(self, feature: str | None = None, feature_size: int | None = None, hidden_size: int = 256):
         super().__init__()
+        if (feature is None) != (feature_size is None) or feature not in (None, *PROMPT_FEATURES):
+            raise ValueError(f"A prompt feature in {PROMPT_FEATURES} and its size, or neither: got {feature!r}.")
+        self.feature = feature
         self.bias = nn.Parameter(torch.zeros(()))
         self.mlp = None
-        if embedding_dim is not None:
+        if feature is not None:
             self.mlp = nn.Sequential(
-                nn.LayerNorm(embedding_dim),
-                nn.Linear(embedding_dim, hidden_size),
+                nn.LayerNorm(feature_size),
+                nn.Linear(feature_size, hidden_size),
                 nn.GELU(),
                 nn.Linear(hidden_size, hidden_size),
                 nn.GELU(),
@@ -46,11 +55,11 @@ class LogZ(nn.Module):
         # Saved with the head, so a resumed run does not start it again
         self.register_buffer("initialized", torch.tensor(False))
 
-    def forward(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """`prompt_embeds` of shape `(B, embedding_dim)` (ignored for a scalar head) to log Z' of shape `(B,)`."""
-        log_z = self.bias.expand(prompt_embeds.size(0))
+    def forward(self, prompt_features: torch.Tensor) -> torch.Tensor:
+        """`prompt_features` of shape `(B, feature_size)` (ignored for a scalar head) to log Z' of shape `(B,)`."""
+        log_z = self.bias.expand(prompt_features.size(0))
         if self.mlp is not None:
-            log_z = log_z + self.mlp(prompt_embeds.to(self.bias.dtype)).squeeze(-1)
+            log_z = log_z + self.mlp(prompt_features.to(self.bias.dtype)).squeeze(-1)
         return log_z
 
     @torch.no_grad()
@@ -59,7 +68,7 @@ class LogZ(nn.Module):
         self.bias.fill_(float(value))
         self.initialized.fill_(True)
 
-    def fit_start(self, prompt_embeds: torch.Tensor, targets: torch.Tensor, steps: int = 200, lr: float = 1e-2):
+    def fit_start(self, prompt_features: torch.Tensor, targets: torch.Tensor, steps: int = 200, lr: float = 1e-2):
         """
         Data-driven start: regress log Z'(x) on `targets`, the per-sample values that zero the residual of a batch.
 
@@ -71,12 +80,12 @@ class LogZ(nn.Module):
         self.start_at(targets.mean())
         if self.mlp is None:
             return
-        prompt_embeds = prompt_embeds.detach()
+        prompt_features = prompt_features.detach()
         optimizer = torch.optim.Adam(self.mlp.parameters(), lr=lr)
         with torch.enable_grad():
             for _ in range(steps):
                 optimizer.zero_grad(set_to_none=True)
-                loss = (self(prompt_embeds) - targets).square().mean()
+                loss = (self(prompt_features) - targets).square().mean()
                 loss.backward()
                 optimizer.step()
         self.zero_grad(set_to_none=True)
@@ -111,25 +120,120 @@ class LogZ(nn.Module):
         """Write the head to `output_dir/log_z.safetensors` atomically: a crash leaves the previous file intact."""
         path = os.path.join(output_dir, LOG_Z_FILE)
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
-        metadata = {"embedding_dim": str(self.mlp[0].normalized_shape[0]) if self.mlp is not None else "none"}
+        metadata = {"feature": self.feature or "none"}
         if self.mlp is not None:
-            metadata["hidden_size"] = str(self.mlp[1].out_features)
+            metadata.update(
+                feature_size=str(self.mlp[0].normalized_shape[0]), hidden_size=str(self.mlp[1].out_features)
+            )
         with atomic_path(path) as tmp_path:
             save_file(tensors, tmp_path, metadata=metadata)
         return path
 
     def load(self, directory: str) -> None:
-        """Restore the head saved by [`LogZ.save`] in `directory`."""
-        state_dict = load_file(os.path.join(directory, LOG_Z_FILE), device=str(self.bias.device))
-        self.load_state_dict(state_dict)
+        """Restore the head saved by [`LogZ.save`] in `directory` (refused if it reads another prompt feature)."""
+        path = os.path.join(directory, LOG_Z_FILE)
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        # Before the choice of features, a prompt-conditioned head always read the mean input embedding
+        saved = metadata.get("feature", "embedding" if metadata.get("embedding_dim", "none") != "none" else "none")
+        saved, wanted = (saved if saved != "none" else "scalar"), self.feature or "scalar"
+        if saved != wanted:
+            raise ValueError(
+                f"{path} holds a log Z head with `log_z_conditioning={saved!r}`, but this run's is {wanted!r}: set "
+                f"`log_z_conditioning={saved!r}` to resume from it."
+            )
+        self.load_state_dict(load_file(path, device=str(self.bias.device)))
 
 
-def prompt_embeddings(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-    """Mean input embedding of each prompt, detached: the input of the prompt-conditioned head."""
-    with torch.no_grad():
-        embeds = model.get_input_embeddings()(prompt_ids).float()
-        mask = prompt_mask.unsqueeze(-1).float()
-        return (embeds * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+def prompt_feature_size(model, feature: str) -> int:
+    """Width of the prompt feature `feature` (see [`captured_prompt_features`]) of `model`."""
+    if feature == "embedding":
+        return model.get_input_embeddings().embedding_dim
+    return model.config.get_text_config().hidden_size
+
+
+@contextlib.contextmanager
+def captured_prompt_features(model, feature: str, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    r"""
+    Read each row's prompt feature, the input of the prompt-conditioned log Z head, off the forward passes run inside
+    the context; yields a function that returns them, shape `(B, feature size)`, detached.
+
+    The features are activations of the policy's own pass, so they cost no extra pass and are whole under every
+    engine (DeepSpeed ZeRO-3 and FSDP shard the weights, not the activations) and with quantised layers. The rows are
+    `[prompt, completion]`, prompts left-padded to a common length P:
+
+    - `"embedding"`: the mean input embedding of the prompt's tokens. A hook on the input embeddings keeps the vector
+      of every token id it embeds, whichever call embedded it (prefix sharing embeds the prompt in one call and its
+      last token in another), and the mean is taken over each prompt's tokens.
+    - `"hidden"`: the last layer's hidden state at the prompt's last token, the state the first completion token is
+      predicted from, which sums up the whole prompt. A hook on the decoder keeps, of each call that ends where the
+      sequences end (cached positions included: the whole sequence, or prefix sharing's suffix pass), the position
+      of token P - 1.
+    """
+    captured, handles = [], []
+
+    if feature == "embedding":
+
+        def keep_embeddings(module, args, output):
+            ids = args[0] if args else None
+            if ids is not None:
+                captured.append((ids.detach().flatten(), output.detach().flatten(0, -2)))
+
+        handles.append(model.get_input_embeddings().register_forward_hook(keep_embeddings))
+
+    elif feature == "hidden":
+        past_lengths = []
+
+        def note_past_length(module, args, kwargs):
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            past_lengths.append(cache.get_seq_length() if cache is not None else 0)
+
+        def keep_last_prompt_state(module, args, kwargs, output):
+            past = past_lengths.pop()
+            hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            captured.append((past, hidden.detach()))
+
+        decoder = _decoder(model)
+        handles.append(decoder.register_forward_pre_hook(note_past_length, with_kwargs=True))
+        handles.append(decoder.register_forward_hook(keep_last_prompt_state, with_kwargs=True))
+    else:
+        raise ValueError(f"Unknown prompt feature {feature!r}: expected one of {PROMPT_FEATURES}.")
+
+    def features() -> torch.Tensor:
+        if feature == "embedding":
+            return _mean_prompt_embedding(captured, prompt_ids, prompt_mask)
+        prompt_length = prompt_ids.size(1)
+        longest = max(past + hidden.size(1) for past, hidden in captured)  # the sequences' end
+        states = [hidden[:, prompt_length - 1 - past] for past, hidden in captured if past + hidden.size(1) == longest]
+        states = torch.cat(states) if states else None
+        if states is None or states.size(0) != prompt_ids.size(0):
+            raise RuntimeError("The policy's pass did not compute the last prompt token of every row.")
+        return states.float()
+
+    try:
+        yield features
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _mean_prompt_embedding(captured, prompt_ids, prompt_mask):
+    ids = torch.cat([ids for ids, _ in captured])
+    vectors = torch.cat([vectors for _, vectors in captured])
+    known, index = torch.unique(ids, return_inverse=True)
+    rows = torch.arange(len(ids), device=ids.device)
+    first = torch.full_like(known, len(ids)).scatter_reduce(0, index, rows, "amin")
+    table = vectors[first].float()
+    position = torch.searchsorted(known, prompt_ids.contiguous()).clamp(max=len(known) - 1)
+    if not (known[position] == prompt_ids)[prompt_mask.bool()].all():
+        raise RuntimeError("The policy's pass did not embed every prompt token.")
+    mask = prompt_mask.unsqueeze(-1).float()
+    return (table[position] * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def _decoder(model):
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model.get_decoder()
 
 
 def _constant(step):

@@ -16,11 +16,10 @@ from .alpha import AlphaController
 from .callbacks import repeated_ngram_rate
 from .config import PowerFlowConfig
 from .groups import prompt_groups, shuffle_groups
-from .log_z import LOG_Z_FILE, LogZ, prompt_embeddings
-from .objective import powerflow_loss
+from .log_z import LOG_Z_FILE, LogZ, captured_prompt_features, prompt_feature_size
+from .objective import group_mean, powerflow_loss
 from .prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
 from .trl_seams import (
-    SHARDED_HEAD_ERROR,
     VLM_ERROR,
     LogZGradientCallback,
     attribute_set_to,
@@ -28,7 +27,6 @@ from .trl_seams import (
     last_complete_checkpoint,
     no_reward,
     prepare_in_memory_base,
-    shards_parameters,
 )
 
 
@@ -124,15 +122,13 @@ class PowerFlowTrainer(GRPOTrainer):
 
         self.log_z = None  # log_z_estimator="group": estimated in `_compute_loss`, nothing to learn or save
         if args.log_z_estimator == "learned":
-            if args.log_z_conditioning == "prompt" and shards_parameters(self):
-                raise ValueError(SHARDED_HEAD_ERROR)
-            embeddings = self.accelerator.unwrap_model(self.model).get_input_embeddings()
-            embedding_dim = embeddings.embedding_dim if args.log_z_conditioning == "prompt" else None
+            feature = None if args.log_z_conditioning == "scalar" else args.log_z_conditioning
+            size = prompt_feature_size(self.accelerator.unwrap_model(self.model), feature) if feature else None
             # GRPO leaves a different seed on each process (for sampling): draw the head's init from the run's seed
             # so that every process starts from the same head
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(args.seed)
-                self.log_z = LogZ(embedding_dim, args.log_z_hidden_size).to(self.accelerator.device)
+                self.log_z = LogZ(feature, size, args.log_z_hidden_size).to(self.accelerator.device)
             if args.log_z_init == "zero":
                 self.log_z.start_at(0.0)
             self.add_callback(LogZGradientCallback(self.log_z, self.accelerator))
@@ -282,9 +278,14 @@ class PowerFlowTrainer(GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        policy_logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True
-        )
+        # The learned head's prompt features are read off this very pass (see `captured_prompt_features`)
+        feature = self.log_z.feature if self.log_z is not None else None
+        unwrapped = self.accelerator.unwrap_model(model)
+        capture = captured_prompt_features(unwrapped, feature, prompt_ids, prompt_mask) if feature else None
+        with capture or _no_features(prompt_ids) as prompt_features:
+            policy_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True
+            )
         objective = partial(
             powerflow_loss,
             policy_logps=policy_logps,
@@ -298,10 +299,11 @@ class PowerFlowTrainer(GRPOTrainer):
             length_normalization=self.args.length_normalization,
         )
         mode = "train" if self.model.training else "eval"
+        groups = prompt_groups(prompt_ids, prompt_mask)
         if self.log_z is None:
-            out = objective(log_z=None, groups=prompt_groups(prompt_ids, prompt_mask))
+            out = objective(log_z=None, groups=groups)
         else:
-            out = objective(log_z=self._learned_log_z(objective, model, prompt_ids, prompt_mask, mode))
+            out = objective(log_z=self._learned_log_z(objective, prompt_features(), mode))
 
         if mode == "train" and "old_per_token_logps" not in inputs and self._reuses_first_pass():
             inputs["old_per_token_logps"] = policy_logps.detach()  # the buffered micro-batch: later passes see them
@@ -309,7 +311,7 @@ class PowerFlowTrainer(GRPOTrainer):
             loss = out.loss.sum() / inputs["sequences_in_step"].clamp(min=1)
         else:
             loss = out.loss.sum() / out.valid.sum().clamp(min=1)
-        self._log_metrics(out, entropies, mask, mode)
+        self._log_metrics(out, entropies, mask, groups, mode)
         return loss
 
     @property
@@ -321,25 +323,29 @@ class PowerFlowTrainer(GRPOTrainer):
         """α at this optimizer step (fixed, warming up, or entropy-targeted: see [`AlphaController`])."""
         return self.alpha_controller.alpha(self.state.global_step)
 
-    def _learned_log_z(self, objective, model, prompt_ids, prompt_mask, mode):
+    def _learned_log_z(self, objective, prompt_features, mode):
         """log Z'(x) from the head, started at the first training batch (the data-driven start)."""
-        prompt_embeds = prompt_embeddings(self.accelerator.unwrap_model(model), prompt_ids, prompt_mask)
         if mode == "train" and not self.log_z.initialized:
             # Fit log Z'(x) to the values that zero this batch's residuals (r = log Z' - t, so t = -r at log Z' = 0),
             # on the same data on every process so that the head stays identical everywhere
             with torch.no_grad():
-                gap = objective(log_z=torch.zeros_like(prompt_ids[:, 0], dtype=torch.float32))
+                gap = objective(log_z=prompt_features.new_zeros(prompt_features.size(0)))
             valid = self.accelerator.gather(gap.valid)
             if valid.any():  # a batch without a finite residual says nothing about log Z: wait for the next one
                 self.log_z.fit_start(
-                    self.accelerator.gather(prompt_embeds)[valid], -self.accelerator.gather(gap.residual)[valid]
+                    self.accelerator.gather(prompt_features)[valid], -self.accelerator.gather(gap.residual)[valid]
                 )
-        return self.log_z(prompt_embeds)
+        return self.log_z(prompt_features)
 
-    def _log_metrics(self, out, entropies, mask, mode):
+    def _log_metrics(self, out, entropies, mask, groups, mode):
         """Means over the valid sequences of all processes, with one reduction."""
         valid = out.valid.float()
         per_sequence = out.per_sequence_metrics()
+        if self.log_z is not None:
+            # The head's distance to each prompt's own target, the value the group estimate would take: on-policy,
+            # the weighted mean residual of the prompt's samples (zero for the group estimate, so not logged there)
+            gap = group_mean(out.residual.detach(), out.importance_weight, groups)
+            per_sequence["log_z_gap"] = torch.where(out.valid, gap.abs(), 0.0)
         counts = {
             "entropy": (entropies.detach() * mask).sum(),
             "tokens": mask.sum(),
@@ -416,3 +422,9 @@ class PowerFlowTrainer(GRPOTrainer):
                 self.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir)))
             finally:
                 self.args.output_dir = run_output_dir
+
+
+@contextlib.contextmanager
+def _no_features(prompt_ids):
+    """A scalar log Z head (or none) reads nothing of the prompt: features of width 0."""
+    yield lambda: prompt_ids.new_zeros(prompt_ids.size(0), 0, dtype=torch.float32)

@@ -12,8 +12,6 @@ TRL code each relies on.
 - `LogZGradientCallback`: a learned log Z head belongs to the trainer, not the model: DDP does not average its
   gradients and `model.zero_grad()` skips it.
 - `last_complete_checkpoint`: Trainer resumes from the highest-numbered checkpoint, even one a crash left half-written.
-- `shards_parameters`: under ZeRO-3 or FSDP a module's weights are whole only inside the model's forward, so the
-  prompt-conditioned log Z head, which reads the input embeddings directly, is refused there.
 - `check_inputs`: GRPO rejects a dataset without prompts only at the first step, after loading the model, and
   accepts a vision-language processor whose images the policy pass would drop.
 """
@@ -105,19 +103,6 @@ def last_complete_checkpoint(output_dir: str, with_log_z: bool = True) -> str | 
 VLM_ERROR = (
     "PowerFlowTrainer does not support vision-language models yet: its policy pass would score the completions "
     "without the images the base model saw. Use a text-only model and its tokenizer."
-)
-
-
-def shards_parameters(trainer) -> bool:
-    """Whether the engine shards the model's weights (DeepSpeed ZeRO-3, FSDP)."""
-    plugin = trainer.accelerator.state.deepspeed_plugin
-    return bool(trainer.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3))
-
-
-SHARDED_HEAD_ERROR = (
-    "`log_z_estimator='learned'` with `log_z_conditioning='prompt'` reads the input embedding weights, which "
-    "DeepSpeed ZeRO-3 and FSDP shard. Use `log_z_estimator='group'` (the default; it has no state) or "
-    "`log_z_conditioning='scalar'`."
 )
 
 
