@@ -30,3 +30,12 @@ def test_beta_is_ignored_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="`beta=0.1` is ignored"):
         config = make_config(tmp_path, beta=0.1)
     assert config.epsilon_high == 0.28 and config.alpha == 4.0
+
+
+def test_vllm_importance_sampling_correction_is_off_and_ignored_with_a_warning(tmp_path):
+    # GRPOConfig turns it on by default; TB's fixed point does not depend on the sampler, so PowerFlow turns it off
+    # (and TRL then skips the forward that computes the ratio)
+    assert make_config(tmp_path).vllm_importance_sampling_correction is False
+    with pytest.warns(UserWarning, match="`vllm_importance_sampling_correction=True` is ignored"):
+        config = make_config(tmp_path, vllm_importance_sampling_correction=True)
+    assert config.vllm_importance_sampling_correction is False

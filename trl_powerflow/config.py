@@ -75,6 +75,13 @@ class PowerFlowConfig(GRPOConfig):
         beta (`float`, *optional*, defaults to `0.0`):
             Unused: PowerFlow has no KL term, the base model enters only through the target. Kept so GRPO
             configurations load; any other value is ignored.
+        vllm_importance_sampling_correction (`bool`, *optional*, defaults to `False`):
+            Off, and any other value is ignored. GRPO multiplies its loss by the ratio of the trained model's
+            probability to vLLM's sampler's; trajectory balance needs no such correction: every residual is zero at
+            the target whatever distribution drew the samples (as long as it covers the target's support), so the
+            fixed point does not depend on the sampler. Off, TRL also skips the forward that computes the ratio.
+            PowerFlow never reads vLLM's log-probabilities: the policy and base terms, and the importance weight
+            `w`, come from the trained model.
         temperature (`float`, *optional*, defaults to `1.0`):
             Must be 1.0: the residual needs the untempered policy and base log-probabilities, which TRL's log-prob
             head computes at the sampling temperature.
@@ -171,6 +178,13 @@ class PowerFlowConfig(GRPOConfig):
         default=0.0,
         metadata={"help": "Unused: PowerFlow has no KL term. Kept so GRPO configurations load."},
     )
+    vllm_importance_sampling_correction: bool = field(
+        default=False,
+        metadata={
+            "help": "Unused: trajectory balance's fixed point does not depend on the sampler, so PowerFlow applies "
+            "no vLLM importance-sampling ratio. Kept so GRPO configurations load."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -195,6 +209,14 @@ class PowerFlowConfig(GRPOConfig):
                 UserWarning,
                 stacklevel=3,
             )
+        if self.vllm_importance_sampling_correction:
+            warnings.warn(
+                "`vllm_importance_sampling_correction=True` is ignored: trajectory balance reaches the same target "
+                "whatever distribution drew the samples, so PowerFlow applies no vLLM importance-sampling ratio.",
+                UserWarning,
+                stacklevel=3,
+            )
+            self.vllm_importance_sampling_correction = False
         if self.sync_ref_model:
             raise ValueError(
                 "`sync_ref_model=True` would move the base model towards the policy, but the base model defines "

@@ -196,14 +196,10 @@ class PowerFlowTrainer(GRPOTrainer):
         """
         With `num_iterations > 1`, TRL scores the samples once more (a no-grad forward) for the sampling policy's
         log-probs. When a generation batch is exactly one optimizer step, its first optimisation pass runs that very
-        policy: `_compute_loss` keeps that pass's detached log-probs for the later passes instead. vLLM samples from
-        another engine, whose log-probs TRL needs at generation time.
+        policy: `_compute_loss` keeps that pass's detached log-probs for the later passes instead. With vLLM too: it
+        samples with the trained model's weights, and PowerFlow applies no vLLM importance-sampling ratio.
         """
-        return (
-            self.num_iterations > 1
-            and self.args.steps_per_generation == self.args.gradient_accumulation_steps
-            and not self.use_vllm
-        )
+        return self.num_iterations > 1 and self.args.steps_per_generation == self.args.gradient_accumulation_steps
 
     def _generate_and_score_completions(self, inputs):
         # TRL reads `num_iterations` here only to decide whether to run the old policy's forward
