@@ -84,9 +84,9 @@ def test_group_estimate_reaches_the_exact_fixed_point(tmp_path, alpha, length_no
     _train_and_compare(tmp_path, alpha, length_normalization, log_z_estimator="group")
 
 
-@pytest.mark.parametrize("alpha", [2.0, 0.5])
-def test_learned_log_z_reaches_the_exact_fixed_point(tmp_path, alpha):
-    _train_and_compare(tmp_path, alpha, True, log_z_estimator="learned")
+@pytest.mark.parametrize("alpha, conditioning", [(2.0, "embedding"), (0.5, "embedding"), (2.0, "hidden")])
+def test_learned_log_z_reaches_the_exact_fixed_point(tmp_path, alpha, conditioning):
+    _train_and_compare(tmp_path, alpha, True, log_z_estimator="learned", log_z_conditioning=conditioning)
 
 
 def test_group_estimate_with_psi_and_importance_weights_reaches_the_exact_fixed_point(tmp_path):

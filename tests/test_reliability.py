@@ -216,12 +216,12 @@ def test_evaluation_batches_leave_the_non_finite_batch_counter_alone(tmp_path, t
     out = powerflow_loss(nan, nan, torch.ones(2, 2), torch.zeros(2), alpha=2.0)
     assert not out.valid.any()
     trainer._non_finite_batches = 3
-    trainer._log_metrics(out, torch.zeros(2, 2), torch.ones(2, 2), "eval")
+    trainer._log_metrics(out, torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([0, 0]), "eval")
     assert trainer._non_finite_batches == 3
-    trainer._log_metrics(out, torch.zeros(2, 2), torch.ones(2, 2), "train")
+    trainer._log_metrics(out, torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([0, 0]), "train")
     assert trainer._non_finite_batches == 4
     finite = powerflow_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.ones(2, 2), torch.zeros(2), alpha=2.0)
-    trainer._log_metrics(finite, torch.zeros(2, 2), torch.ones(2, 2), "eval")
+    trainer._log_metrics(finite, torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([0, 0]), "eval")
     assert trainer._non_finite_batches == 4
 
 

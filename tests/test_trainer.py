@@ -535,7 +535,7 @@ def test_residual_metrics_have_exact_values(tmp_path, tokenizer):
     base = torch.tensor([[-1.0, -1.0], [-0.5, 0.0], [-1.0, -1.0]])
     mask = torch.tensor([[1, 1], [1, 0], [0, 0]])  # the last row has no token: left out
     out = powerflow_loss(policy, base, mask, torch.tensor([1.0, -2.0, 5.0]), alpha=2.0)
-    trainer._log_metrics(out, torch.zeros(3, 2), mask, "train")
+    trainer._log_metrics(out, torch.zeros(3, 2), mask, torch.tensor([0, 0, 1]), "train")
 
     # t = 2·(1/|y|) log p − (1/|y|) log π: −1 and 1; r = log Z' − t: 2 and −3
     metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
@@ -546,14 +546,15 @@ def test_residual_metrics_have_exact_values(tmp_path, tokenizer):
     assert metrics["powerflow/policy_logp"] == pytest.approx(-1.5)  # per token: (−1 − 2) / 2
     assert metrics["powerflow/base_logp"] == pytest.approx(-0.75)
     assert metrics["powerflow/non_finite_sequences"] == 0.0
+    assert metrics["powerflow/log_z_gap"] == pytest.approx(0.5)  # rows 0 and 1 share a prompt: |(2 − 3) / 2|
 
     # A row whose base log-prob is -inf (a token the base model cannot produce) is left out of every mean
     base_with_inf = torch.cat([base, torch.tensor([[float("-inf"), -1.0]])])
     policy, mask = torch.cat([policy, policy[:1]]), torch.cat([mask, mask[:1]])
     out = powerflow_loss(policy, base_with_inf, mask, torch.tensor([1.0, -2.0, 5.0, 0.0]), alpha=2.0)
-    trainer._log_metrics(out, torch.zeros(4, 2), mask, "train")
+    trainer._log_metrics(out, torch.zeros(4, 2), mask, torch.tensor([0, 0, 1, 2]), "train")
     after = {name: values[-1] for name, values in trainer._metrics["train"].items()}
-    for name in ["log_z", "residual_mean", "base_logp", "policy_logp", "completion_length"]:
+    for name in ["log_z", "residual_mean", "base_logp", "policy_logp", "completion_length", "log_z_gap"]:
         assert after[f"powerflow/{name}"] == pytest.approx(metrics[f"powerflow/{name}"]), name
     assert after["powerflow/non_finite_sequences"] == 1.0
 
