@@ -166,9 +166,9 @@ def captured_prompt_features(model, feature: str, prompt_ids: torch.Tensor, prom
       of every token id it embeds, whichever call embedded it (prefix sharing embeds the prompt in one call and its
       last token in another), and the mean is taken over each prompt's tokens.
     - `"hidden"`: the last layer's hidden state at the prompt's last token, the state the first completion token is
-      predicted from, which sums up the whole prompt. A hook on the decoder keeps, of each call that ends where the
-      sequences end (cached positions included: the whole sequence, or prefix sharing's suffix pass), the position
-      of token P - 1.
+      predicted from, which sums up the whole prompt. A hook on the decoder keeps position P - 1 of the sequences
+      from each call that computes it, counting the positions already cached: the whole sequence, or prefix
+      sharing's suffix pass, which starts there (its prefix pass stops before it).
     """
     captured, handles = [], []
 
@@ -189,9 +189,10 @@ def captured_prompt_features(model, feature: str, prompt_ids: torch.Tensor, prom
             past_lengths.append(cache.get_seq_length() if cache is not None else 0)
 
         def keep_last_prompt_state(module, args, kwargs, output):
-            past = past_lengths.pop()
+            position = prompt_ids.size(1) - 1 - past_lengths.pop()
             hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-            captured.append((past, hidden.detach()))
+            if 0 <= position < hidden.size(1):
+                captured.append(hidden[:, position].detach())
 
         decoder = _decoder(model)
         handles.append(decoder.register_forward_pre_hook(note_past_length, with_kwargs=True))
@@ -202,10 +203,7 @@ def captured_prompt_features(model, feature: str, prompt_ids: torch.Tensor, prom
     def features() -> torch.Tensor:
         if feature == "embedding":
             return _mean_prompt_embedding(captured, prompt_ids, prompt_mask)
-        prompt_length = prompt_ids.size(1)
-        longest = max(past + hidden.size(1) for past, hidden in captured)  # the sequences' end
-        states = [hidden[:, prompt_length - 1 - past] for past, hidden in captured if past + hidden.size(1) == longest]
-        states = torch.cat(states) if states else None
+        states = torch.cat(captured) if captured else None
         if states is None or states.size(0) != prompt_ids.size(0):
             raise RuntimeError("The policy's pass did not compute the last prompt token of every row.")
         return states.float()
