@@ -1,7 +1,7 @@
 """α without hand-tuning: does one entropy target land where the best fixed α does, from starts of any sharpness?
 
 Three start models of different sharpness: the embedded model itself (`base`), a flatter one (`flat`: PowerFlow
-α = 0.5 for --start_steps steps, merged) and a sharper one (`sharp`: α = 2 likewise). From each (PowerFlow's base is
+α = --flat_alpha, 0.5, for --start_steps steps, merged) and a sharper one (`sharp`: α = --sharp_alpha, 2, likewise). From each (PowerFlow's base is
 then that start model), on the capitals elicitation task (train on unlabeled train-split questions, avg@k at T=1 on
 held-out test-split questions):
 
@@ -31,12 +31,14 @@ if not __package__:  # run as a script (python benchmarks/alpha_selection.py): i
 from benchmarks import capitals, common  # noqa: E402
 
 
-START_ALPHAS = {"base": None, "flat": 0.5, "sharp": 2.0}
+START_MODELS = ["base", "flat", "sharp"]
 
 
 def parse_args(argv=None):
     p = common.argument_parser(__doc__, "alpha_selection", max_steps=20, seeds=[0, 1])
-    p.add_argument("--start_models", nargs="+", default=list(START_ALPHAS), choices=list(START_ALPHAS))
+    p.add_argument("--start_models", nargs="+", default=START_MODELS, choices=START_MODELS)
+    p.add_argument("--flat_alpha", type=float, default=0.5, help="alpha of the run that makes the flat start.")
+    p.add_argument("--sharp_alpha", type=float, default=2.0, help="alpha of the run that makes the sharp start.")
     p.add_argument("--start_steps", type=int, default=20, help="Steps of the runs that make the flat/sharp starts.")
     p.add_argument("--alphas", nargs="+", type=float, default=[1.5, 2.0, 4.0, 8.0], help="The fixed-alpha sweep.")
     p.add_argument("--target_entropy_ratio", type=float, default=0.25, help="The one target of the entropy rows.")
@@ -88,12 +90,11 @@ def main(argv=None):
     save = common.results_writer(args, results, report, plot, started)
     for start in args.start_models:
         start_path, start_model = model_path, base
-        if START_ALPHAS[start] is not None:
-            print(
-                f"\n=== start model {start}: alpha={START_ALPHAS[start]:g}, {args.start_steps} steps ===", flush=True
-            )
+        start_alpha = {"base": None, "flat": args.flat_alpha, "sharp": args.sharp_alpha}[start]
+        if start_alpha is not None:
+            print(f"\n=== start model {start}: alpha={start_alpha:g}, {args.start_steps} steps ===", flush=True)
             start_path, _ = common.powered_start_model(
-                model_path, tokenizer, train, args, START_ALPHAS[start], args.start_steps, 0
+                model_path, tokenizer, train, args, start_alpha, args.start_steps, 0
             )
             start_model = load_model_and_tokenizer(start_path)[0]
 
@@ -163,8 +164,8 @@ def report(args, results):
     table = common.markdown_table(headers, table_rows)
     seeds = sorted({seed for seed in getattr(args, "seeds", [])})
     notes = (
-        f"Start models: the embedded model (base), and after {args.start_steps} steps of PowerFlow alpha=0.5 (flat) "
-        f"or alpha=2 (sharp), merged. Each row trains {args.max_steps} steps x {args.prompts_per_step} prompts x "
+        f"Start models: the embedded model (base), and after {args.start_steps} steps of PowerFlow "
+        f"alpha={args.flat_alpha:g} (flat) or alpha={args.sharp_alpha:g} (sharp), merged. Each row trains {args.max_steps} steps x {args.prompts_per_step} prompts x "
         f"{args.num_generations} samples from its start model (its PowerFlow base), max {args.max_completion_length} "
         f"new tokens, LoRA r={args.lora_r}, lr {args.learning_rate}, log Z estimator {args.log_z_estimator}. "
         + (
