@@ -1,8 +1,8 @@
 """α without hand-tuning: does one entropy target land where the best fixed α does, from starts of any sharpness?
 
 Three start models of different sharpness: the embedded model itself (`base`), a flatter one (`flat`: PowerFlow
-α = --flat_alpha, 0.5, for --start_steps steps, merged) and a sharper one (`sharp`: α = --sharp_alpha, 2, likewise). From each (PowerFlow's base is
-then that start model), on the capitals elicitation task (train on unlabeled train-split questions, avg@k at T=1 on
+α = --flat_alpha, 0.5, for --start_steps steps, merged) and a sharper one (`sharp`: α = --sharp_alpha, 2,
+likewise). From each (PowerFlow's base is then that start model), on the capitals elicitation task (train on unlabeled train-split questions, avg@k at T=1 on
 held-out test-split questions):
 
 - fixed α in --alphas: the sweep a user with labels would run, to find the best α per start model;
@@ -165,7 +165,8 @@ def report(args, results):
     seeds = sorted({seed for seed in getattr(args, "seeds", [])})
     notes = (
         f"Start models: the embedded model (base), and after {args.start_steps} steps of PowerFlow "
-        f"alpha={args.flat_alpha:g} (flat) or alpha={args.sharp_alpha:g} (sharp), merged. Each row trains {args.max_steps} steps x {args.prompts_per_step} prompts x "
+        f"alpha={args.flat_alpha:g} (flat) or alpha={args.sharp_alpha:g} (sharp), merged. Each row trains "
+        f"{args.max_steps} steps x {args.prompts_per_step} prompts x "
         f"{args.num_generations} samples from its start model (its PowerFlow base), max {args.max_completion_length} "
         f"new tokens, LoRA r={args.lora_r}, lr {args.learning_rate}, log Z estimator {args.log_z_estimator}. "
         + (
