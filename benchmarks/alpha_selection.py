@@ -2,8 +2,8 @@
 
 Three start models of different sharpness: the embedded model itself (`base`), a flatter one (`flat`: PowerFlow
 α = --flat_alpha, 0.5, for --start_steps steps, merged) and a sharper one (`sharp`: α = --sharp_alpha, 2,
-likewise). From each (PowerFlow's base is then that start model), on the capitals elicitation task (train on unlabeled train-split questions, avg@k at T=1 on
-held-out test-split questions):
+likewise). From each (PowerFlow's base is then that start model), on the capitals elicitation task (train on
+unlabeled train-split questions, avg@k at T=1 on held-out test-split questions):
 
 - fixed α in --alphas: the sweep a user with labels would run, to find the best α per start model;
 - `entropy`: the entropy-targeted α (`target_entropy_ratio` = --target_entropy_ratio, one setting for every start
