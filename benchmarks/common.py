@@ -329,11 +329,12 @@ def training_note(args, steps: bool = True, max_length: bool = False) -> str:
     return f"Training: {shape}{cap}, {settings_note(args)}"
 
 
-def settings_note(args) -> str:
-    """The LoRA and learning-rate settings and the seeds."""
+def settings_note(args, estimator: bool = True) -> str:
+    """The LoRA and learning-rate settings (with `estimator`, the log Z estimator of every row) and the seeds."""
     return (
-        f"LoRA r={args.lora_r}, lr {args.learning_rate}, log Z estimator {args.log_z_estimator} "
-        f"(learned head's lr {args.log_z_learning_rate}). "
+        f"LoRA r={args.lora_r}, lr {args.learning_rate}, "
+        + (f"log Z estimator {args.log_z_estimator} " if estimator else "")
+        + f"(learned head's lr {args.log_z_learning_rate}). "
         f"Seeds {', '.join(map(str, args.seeds))}; spread = half the range over seeds."
     )
 

@@ -121,7 +121,7 @@ def report(args, results):
     notes = (
         f"alpha={args.alpha}, {args.max_steps} steps, {args.prompts_per_step} prompts x {args.num_generations} "
         f"samples per step, {args.num_train_prompts} training prompts per set. residual_mean in nats per token; the "
-        "group estimate's is zero by construction on-policy. " + common.settings_note(args)
+        "group estimate's is zero by construction on-policy. " + common.settings_note(args, estimator=False)
     )
     return common.markdown_table(headers, rows), notes
 
