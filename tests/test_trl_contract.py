@@ -57,6 +57,8 @@ def test_the_trl_code_our_overrides_mirror_is_unchanged():
     generate = inspect.getsource(GRPOTrainer._generate_and_score_completions)
     assert generate.count("self.num_iterations") == 1
     assert "generate_every = self.args.steps_per_generation * self.num_iterations" in generate
+    # With vLLM, the old policy's forward, the sampler/trainer ratio and its metrics hang on the correction (off)
+    assert generate.count("self.use_vllm and self.vllm_importance_sampling_correction") == 4
 
 
 def test_generation_batch_carries_what_the_objective_reads(tmp_path, tokenizer):
