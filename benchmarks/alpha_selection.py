@@ -40,17 +40,12 @@ def parse_args(argv=None):
     p.add_argument("--flat_alpha", type=float, default=0.5, help="alpha of the run that makes the flat start.")
     p.add_argument("--sharp_alpha", type=float, default=2.0, help="alpha of the run that makes the sharp start.")
     p.add_argument("--start_steps", type=int, default=20, help="Steps of the runs that make the flat/sharp starts.")
-    p.add_argument("--alphas", nargs="+", type=float, default=[1.5, 2.0, 4.0, 8.0], help="The fixed-alpha sweep.")
-    p.add_argument("--target_entropy_ratio", type=float, default=0.25, help="The one target of the entropy rows.")
-    p.add_argument("--alpha_step_size", type=float, default=0.1, help="Step size of the entropy-targeted alpha.")
+    common.add_alpha_arguments(p, alphas=[1.5, 2.0, 4.0, 8.0], target_entropy_ratio=0.25)
     p.add_argument(
         "--entropy_row",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="Run the entropy-targeted rows (--no-entropy_row: the fixed-alpha sweep only).",
-    )
-    p.add_argument(
-        "--alpha_warmup_steps", type=int, default=0, help="Fixed-alpha rows: alpha goes from 1 to alpha over N steps."
     )
     p.add_argument("--combine", nargs="+", default=None, help="Result folders to merge into one table (no run).")
     common.add_eval_arguments(p, num_eval_prompts=40, k=8)
@@ -85,7 +80,7 @@ def main(argv=None):
     def evaluate(model, seed):
         return capitals.evaluate(model, tokenizer, test, args, seed, batch_size=args.eval_batch_size)
 
-    rows = ["start", *(f"alpha{alpha:g}" for alpha in args.alphas)] + (["entropy"] if args.entropy_row else [])
+    rows = ["start"] + [row for row in common.alpha_rows(args) if row != "entropy" or args.entropy_row]
     results = {start: {row: [] for row in rows} for start in args.start_models}
     save = common.results_writer(args, results, report, plot, started)
     for start in args.start_models:
@@ -101,12 +96,6 @@ def main(argv=None):
         def run_row(row, seed, start=start, start_path=start_path, start_model=start_model):
             if row == "start":
                 return evaluate(start_model, seed)
-            if row == "entropy":
-                config = dict(
-                    alpha=1.0, target_entropy_ratio=args.target_entropy_ratio, alpha_step_size=args.alpha_step_size
-                )
-            else:
-                config = dict(alpha=float(row[len("alpha") :]), alpha_warmup_steps=args.alpha_warmup_steps)
             r = common.train_and_evaluate(
                 start_path,
                 tokenizer,
@@ -115,7 +104,7 @@ def main(argv=None):
                 seed,
                 lambda m: evaluate(m, seed),
                 record=common.alpha_and_entropy,
-                **config,
+                **common.alpha_row_config(row, args),
             )
             print(
                 f"{start} {row} seed {seed}: avg@{args.k} {r['avg_at_k']:.3f}, "

@@ -116,6 +116,35 @@ def add_eval_arguments(
         group.add_argument("--eval_batch_size", type=int, default=64, help="Sequences per forward pass in evaluation.")
 
 
+def add_alpha_arguments(parser, alphas, target_entropy_ratio: float | None):
+    """The flags of the benchmarks that compare alphas: `--alphas` (one fixed-alpha row each), `--target_entropy_ratio`
+    (the entropy-targeted row's target; None: no such row), `--alpha_step_size` and `--alpha_warmup_steps`."""
+    group = parser.add_argument_group("alpha (the trained PowerFlow rows)")
+    group.add_argument("--alphas", nargs="+", type=float, default=alphas, help="Fixed alpha of each row.")
+    group.add_argument(
+        "--target_entropy_ratio",
+        type=float,
+        default=target_entropy_ratio,
+        help="The entropy-targeted row's target_entropy_ratio (alpha starts at 1); unset: no such row.",
+    )
+    group.add_argument("--alpha_step_size", type=float, default=0.1, help="Step size of the entropy-targeted alpha.")
+    group.add_argument(
+        "--alpha_warmup_steps", type=int, default=0, help="Fixed-alpha rows: alpha goes from 1 to alpha over N steps."
+    )
+
+
+def alpha_rows(args) -> list[str]:
+    """The trained rows of `add_alpha_arguments`' flags: `alpha<value>` per fixed alpha, then `entropy`."""
+    return [f"alpha{alpha:g}" for alpha in args.alphas] + (["entropy"] if args.target_entropy_ratio else [])
+
+
+def alpha_row_config(row: str, args) -> dict:
+    """The PowerFlowConfig settings of an `alpha_rows` row."""
+    if row == "entropy":
+        return dict(alpha=1.0, target_entropy_ratio=args.target_entropy_ratio, alpha_step_size=args.alpha_step_size)
+    return dict(alpha=float(row[len("alpha") :]), alpha_warmup_steps=args.alpha_warmup_steps)
+
+
 def command_line() -> str:
     python = os.path.relpath(sys.executable)
     python = "python" if python.startswith("..") else python  # an interpreter outside the repository

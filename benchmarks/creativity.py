@@ -54,15 +54,6 @@ def parse_args(argv=None):
     )
     p.add_argument("--rows", nargs="+", default=ALL_ROWS, choices=ALL_ROWS, help="Rows to run.")
     p.add_argument("--kinds", nargs="+", default=["joke", "poem", "story"], help="Creative prompt kinds.")
-    p.add_argument(
-        "--alphas", nargs="+", type=float, default=[0.5], help="Fixed alphas of the powerflow rows (< 1 flattens)."
-    )
-    p.add_argument(
-        "--target_entropy_ratio",
-        type=float,
-        default=None,
-        help="Also run an entropy-targeted powerflow row with this target (relative to the start model's entropy).",
-    )
     p.add_argument("--start_from", default=None, help="Start (and reference) model directory instead of --model.")
     p.add_argument(
         "--sharpen_steps",
@@ -71,6 +62,7 @@ def parse_args(argv=None):
         help="Build an over-sharpened start: N PowerFlow steps at --sharpen_alpha, merged.",
     )
     p.add_argument("--sharpen_alpha", type=float, default=4.0, help="alpha of the sharpening run.")
+    common.add_alpha_arguments(p, alphas=[0.5], target_entropy_ratio=None)
     common.add_eval_arguments(
         p,
         num_eval_prompts=5,
@@ -170,22 +162,10 @@ def main(argv=None):
             )
             return measure(out.texts, prompts, kinds, judge, tokenizer)
 
-        if row == "entropy":
+        if row in common.alpha_rows(args):
+            config = common.alpha_row_config(row, args)
             r = common.train_and_evaluate(
-                start_path,
-                tokenizer,
-                train,
-                args,
-                seed,
-                sampled,
-                record=common.alpha_and_entropy,
-                alpha=1.0,
-                target_entropy_ratio=args.target_entropy_ratio,
-            )
-        elif row.startswith("alpha"):
-            alpha = float(row[len("alpha") :])
-            r = common.train_and_evaluate(
-                start_path, tokenizer, train, args, seed, sampled, record=common.alpha_and_entropy, alpha=alpha
+                start_path, tokenizer, train, args, seed, sampled, record=common.alpha_and_entropy, **config
             )
         elif row == "verbalized":
             samples, extra = verbalized_samples(start, tokenizer, prompts, args, seed)
@@ -203,8 +183,7 @@ def main(argv=None):
 
 def table_rows(args) -> list[str]:
     """`args.rows` with `powerflow` expanded into one row per fixed alpha and the entropy-targeted row."""
-    powerflow = [f"alpha{alpha:g}" for alpha in args.alphas] + (["entropy"] if args.target_entropy_ratio else [])
-    return [name for row in args.rows for name in (powerflow if row == "powerflow" else [row])]
+    return [name for row in args.rows for name in (common.alpha_rows(args) if row == "powerflow" else [row])]
 
 
 def report(args, results, sharpen_seconds=None):
