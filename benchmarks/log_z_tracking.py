@@ -41,8 +41,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--log_z_conditionings",
         nargs="+",
-        default=["embedding"],
-        choices=["embedding", "hidden", "scalar"],
+        default=["hidden"],
+        choices=["hidden", "embedding", "scalar"],
         help="Learned head: the prompt features to compare (one row each).",
     )
     p.add_argument("--alpha", type=float, default=4.0, help="Power of the target.")

@@ -49,11 +49,11 @@ class PowerFlowConfig(GRPOConfig):
             least 2 samples of a prompt in each micro-batch: the trainer keeps a prompt's samples together, and
             `per_device_train_batch_size` should be a multiple of `num_generations` (or divide it). `"learned"`:
             the log Z head below, trained beside the policy; it also serves one sample per micro-batch.
-        log_z_conditioning (`str`, *optional*, defaults to `"embedding"`):
-            Learned head only. What log Z'(x) reads of the prompt: a bias plus a small MLP on the mean of the prompt's
-            input embeddings (`"embedding"`) or on the last layer's hidden state at its last token (`"hidden"`), both
-            taken from the policy's own pass (so they work under ZeRO-3, FSDP and 4-bit, at no extra cost); or
-            nothing (`"scalar"`: one log Z' for every prompt).
+        log_z_conditioning (`str`, *optional*, defaults to `"hidden"`):
+            Learned head only. What log Z'(x) reads of the prompt: a bias plus a small MLP on the last layer's hidden
+            state at the prompt's last token (`"hidden"`; it tracks its target best on templated prompts) or on the
+            mean of the prompt's input embeddings (`"embedding"`), both taken from the policy's own pass (so they work
+            under ZeRO-3, FSDP and 4-bit, at no extra cost); or nothing (`"scalar"`: one log Z' for every prompt).
         log_z_hidden_size (`int`, *optional*, defaults to `256`):
             Learned head only. Width of the hidden layers of the prompt-conditioned log Z head.
         log_z_learning_rate (`float`, *optional*, defaults to `1e-2`):
@@ -136,12 +136,12 @@ class PowerFlowConfig(GRPOConfig):
         },
     )
     log_z_conditioning: str = field(
-        default="embedding",
+        default="hidden",
         metadata={
-            "help": "What the learned log Z'(x) reads of the prompt: 'embedding' (bias + MLP on the mean input "
-            "embedding of the prompt), 'hidden' (on the last layer's hidden state at the prompt's last token) or "
-            "'scalar' (one value for all prompts).",
-            "choices": ["embedding", "hidden", "scalar"],
+            "help": "What the learned log Z'(x) reads of the prompt: 'hidden' (bias + MLP on the last layer's hidden "
+            "state at the prompt's last token), 'embedding' (on the mean input embedding of the prompt) or 'scalar' "
+            "(one value for all prompts).",
+            "choices": ["hidden", "embedding", "scalar"],
         },
     )
     log_z_hidden_size: int = field(
@@ -243,7 +243,7 @@ class PowerFlowConfig(GRPOConfig):
         if self.log_z_conditioning == "prompt":
             raise ValueError(
                 "`log_z_conditioning='prompt'` is now 'embedding' (the mean input embedding of the prompt, as before) "
-                "or 'hidden' (the last layer's hidden state at the prompt's last token)."
+                "or 'hidden' (the last layer's hidden state at the prompt's last token, the default)."
             )
         if self.log_z_conditioning not in ("embedding", "hidden", "scalar"):
             raise ValueError(

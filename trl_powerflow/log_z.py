@@ -13,7 +13,7 @@ from ._io import atomic_path
 
 
 LOG_Z_FILE = "log_z.safetensors"
-PROMPT_FEATURES = ("embedding", "hidden")  # what a prompt-conditioned head reads (`captured_prompt_features`)
+PROMPT_FEATURES = ("hidden", "embedding")  # what a prompt-conditioned head reads (`captured_prompt_features`)
 
 
 class LogZ(nn.Module):
