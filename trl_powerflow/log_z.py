@@ -192,7 +192,7 @@ def captured_prompt_features(model, feature: str, prompt_ids: torch.Tensor, prom
             position = prompt_ids.size(1) - 1 - past_lengths.pop()
             hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
             if 0 <= position < hidden.size(1):
-                captured.append(hidden[:, position].detach())
+                captured.append(hidden[:, position].detach().clone())  # (B, D): does not pin the whole pass
 
         decoder = _decoder(model)
         handles.append(decoder.register_forward_pre_hook(note_past_length, with_kwargs=True))
