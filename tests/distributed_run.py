@@ -1,7 +1,11 @@
 """Train a tiny model for a few steps; launched by tests/test_distributed.py with 1 or 2 processes (torchrun), or
 through `accelerate launch` with a DeepSpeed or FSDP configuration.
 
-Usage: distributed_run.py OUTPUT_DIR PER_DEVICE_BATCH_SIZE {group,learned} [{cpu,cuda}]
+Usage: distributed_run.py OUTPUT_DIR PER_DEVICE_BATCH_SIZE {group,learned} [{cpu,gloo,cuda}] [resume]
+
+`cpu`: CPU processes, plain data parallelism. `gloo`: CPU processes under the engine of an accelerate configuration
+(DeepSpeed), which accelerate sets up only without `use_cpu` and with the gloo backend named. `resume`: resume from
+the checkpoint in OUTPUT_DIR. Every run saves a checkpoint at step 2 of 3.
 """
 
 import json
@@ -19,14 +23,17 @@ from trl_powerflow import PowerFlowTrainer  # noqa: E402
 from trl_powerflow.cli.train import finish  # noqa: E402
 
 
-def main(output_dir, per_device_batch_size, estimator, device="cpu"):
+def main(output_dir, per_device_batch_size, estimator, device="cpu", resume=None):
     tokenizer = make_tokenizer()
     args = make_config(
         output_dir,
         use_cpu=device == "cpu",
+        ddp_backend="gloo" if device == "gloo" else None,
         per_device_train_batch_size=per_device_batch_size,
         num_generations=8,
         max_steps=3,
+        save_strategy="steps",
+        save_steps=2,
         learning_rate=1e-2,
         # SGD and a residual far from zero: Adam would turn float rounding in near-zero gradients into full steps
         optim="sgd",
@@ -41,10 +48,13 @@ def main(output_dir, per_device_batch_size, estimator, device="cpu"):
     )
     dataset = Dataset.from_dict({"prompt": ["p0", "p1", "p0 a", "p1 b", "a p0", "b p1"] * 4})
     trainer = PowerFlowTrainer(make_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume == "resume" or None)
     # The engine the policy trained under: FSDP2 shards parameters as DTensors
     parameter = next(trainer.model_wrapped.parameters())
-    engine = f"fsdp={trainer.is_fsdp_enabled} parameter={type(parameter).__name__}"
+    engine = (
+        f"fsdp={trainer.is_fsdp_enabled} deepspeed={trainer.is_deepspeed_enabled} "
+        f"processes={trainer.accelerator.num_processes} parameter={type(parameter).__name__}"
+    )
     trainer.save_model()
     # Every process keeps its own copy of the log Z head: they must agree
     rank = trainer.accelerator.process_index

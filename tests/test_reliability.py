@@ -61,6 +61,16 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path, tokenizer, estimato
         assert resumed_steps[step] == pytest.approx(full_steps[step], abs=1e-6)
 
 
+def test_a_checkpoint_without_the_log_z_optimizer_state_is_refused_by_name(tmp_path, tokenizer):
+    config = dict(max_steps=1, log_z_estimator="learned", save_strategy="steps", save_steps=1)
+    _trainer(tmp_path, tokenizer, **config).train()
+    checkpoint = tmp_path / "checkpoint-1"
+    os.remove(checkpoint / "log_z_optimizer.pt")  # as trl-powerflow 0.1 wrote them
+    resumed = _trainer(tmp_path, tokenizer, **{**config, "max_steps": 2})
+    with pytest.raises(FileNotFoundError, match="has no log_z_optimizer.pt: it was written by trl-powerflow 0.1"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+
+
 def test_crash_during_a_checkpoint_save_leaves_the_previous_one_loadable(tmp_path, tokenizer, monkeypatch):
     output_dir = tmp_path / "run"
     config = dict(max_steps=3, log_z_estimator="learned")

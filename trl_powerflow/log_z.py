@@ -7,12 +7,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
+from transformers import TrainerCallback
 
 from ._io import atomic_path
 
 
 LOG_Z_FILE = "log_z.safetensors"
+LOG_Z_OPTIMIZER_FILE = "log_z_optimizer.pt"  # in checkpoints only
 PROMPT_FEATURES = ("hidden", "embedding")  # what a prompt-conditioned head reads (`captured_prompt_features`)
 
 
@@ -89,32 +90,6 @@ class LogZ(nn.Module):
                 loss.backward()
                 optimizer.step()
         self.zero_grad(set_to_none=True)
-
-    def add_to_optimizer(self, optimizer, learning_rate: float) -> None:
-        """The head's own parameter group: its learning rate, no weight decay (once, if not there already)."""
-        if self._param_group(optimizer) is None:
-            optimizer.add_param_group({"params": list(self.parameters()), "lr": learning_rate, "weight_decay": 0.0})
-
-    def keep_learning_rate_constant(self, scheduler, learning_rate: float) -> None:
-        """
-        The head tracks a target that moves with the policy until the last step: a decayed (or warming up) learning
-        rate makes it lag. Its group's rate stays constant, whatever the policy's schedule.
-        """
-        index = self._param_group(scheduler.optimizer)
-        if index is None:
-            return
-        if not isinstance(scheduler, LambdaLR):
-            raise ValueError(
-                f"The learning-rate scheduler {type(scheduler).__name__} cannot keep the log Z head's learning rate "
-                "constant. Use a warmup/decay schedule (linear, cosine, constant, ...) or `log_z_estimator='group'`."
-            )
-        scheduler.lr_lambdas[index] = _constant
-        scheduler.optimizer.param_groups[index]["lr"] = learning_rate
-
-    def _param_group(self, optimizer) -> int | None:
-        return next(
-            (i for i, g in enumerate(optimizer.param_groups) if any(p is self.bias for p in g["params"])), None
-        )
 
     def save(self, output_dir: str) -> str:
         """Write the head to `output_dir/log_z.safetensors` atomically: a crash leaves the previous file intact."""
@@ -234,5 +209,46 @@ def _decoder(model):
     return model.get_decoder()
 
 
-def _constant(step):
-    return 1.0
+class LogZOptimizerCallback(TrainerCallback):
+    """
+    Steps the learned head with an optimizer of its own, right after each optimizer step of the policy.
+
+    Its own, not a group in the policy's: the head tracks a target that moves with the policy until the last step, so
+    its learning rate stays constant (no warmup or decay) and its gradient is not clipped with the policy's; and the
+    engines' optimizers (DeepSpeed ZeRO) take only the model's parameters. It is of the policy's kind (`args.optim`),
+    at `log_z_learning_rate`, without weight decay. The head is no part of the model, so no engine averages its
+    gradients across processes: this callback does, before the step.
+    """
+
+    def __init__(self, log_z: LogZ, optimizer: torch.optim.Optimizer, accelerator):
+        self.log_z, self.optimizer, self.accelerator = log_z, optimizer, accelerator
+
+    @classmethod
+    def for_trainer(cls, trainer, log_z: LogZ) -> "LogZOptimizerCallback":
+        args = trainer.args
+        optimizer_cls, optimizer_kwargs = trainer.get_optimizer_cls_and_kwargs(args, trainer.model)
+        group = {"params": list(log_z.parameters()), "weight_decay": 0.0}
+        optimizer = optimizer_cls([group], **{**optimizer_kwargs, "lr": args.log_z_learning_rate})
+        return cls(log_z, optimizer, trainer.accelerator)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.accelerator.num_processes > 1:
+            for param in self.log_z.parameters():
+                grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                param.grad = self.accelerator.reduce(grad, reduction="mean")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, output_dir: str) -> None:
+        """The optimizer's state, for resuming: `output_dir/log_z_optimizer.pt`, written atomically."""
+        with atomic_path(os.path.join(output_dir, LOG_Z_OPTIMIZER_FILE)) as tmp_path:
+            torch.save(self.optimizer.state_dict(), tmp_path)
+
+    def load(self, directory: str) -> None:
+        path = os.path.join(directory, LOG_Z_OPTIMIZER_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{directory} has no {LOG_Z_OPTIMIZER_FILE}: it was written by trl-powerflow 0.1, whose log Z head "
+                "shared the policy's optimizer. Resume it with that version, or start a new run from its saved model."
+            )
+        self.optimizer.load_state_dict(torch.load(path, map_location=self.log_z.bias.device, weights_only=True))

@@ -7,7 +7,7 @@ import textwrap
 from functools import partial
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import DistributedType, is_peft_model
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id, split_tensor_dict
@@ -16,12 +16,11 @@ from .alpha import AlphaController
 from .callbacks import repeated_ngram_rate
 from .config import PowerFlowConfig
 from .groups import prompt_groups, shuffle_groups
-from .log_z import LOG_Z_FILE, LogZ, captured_prompt_features, prompt_feature_size
+from .log_z import LOG_Z_FILE, LogZ, LogZOptimizerCallback, captured_prompt_features, prompt_feature_size
 from .objective import group_mean, powerflow_loss
 from .prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
 from .trl_seams import (
     VLM_ERROR,
-    LogZGradientCallback,
     attribute_set_to,
     check_inputs,
     last_complete_checkpoint,
@@ -119,6 +118,14 @@ class PowerFlowTrainer(GRPOTrainer):
             self.ref_model = prepare_in_memory_base(self, in_memory_base)
         if self._is_vlm:  # a processor loaded by TRL from the model (one passed in is refused in `check_inputs`)
             raise ValueError(VLM_ERROR)
+        if self.accelerator.num_processes > 1 and self.accelerator.distributed_type == DistributedType.NO:
+            # accelerate's state for CPU processes without `use_cpu` (e.g. an FSDP configuration on a machine without
+            # GPUs): nothing would average the gradients, each process would train a model of its own
+            raise ValueError(
+                f"{self.accelerator.num_processes} processes, but accelerate set up no distributed engine for them, "
+                "so each process would train its own model. On CPU processes set `use_cpu=True` (`--use_cpu`) for "
+                "data parallelism over gloo; FSDP needs GPUs."
+            )
 
         self.log_z = None  # log_z_estimator="group": estimated in `_compute_loss`, nothing to learn or save
         if args.log_z_estimator == "learned":
@@ -131,7 +138,8 @@ class PowerFlowTrainer(GRPOTrainer):
                 self.log_z = LogZ(feature, size, args.log_z_hidden_size).to(self.accelerator.device)
             if args.log_z_init == "zero":
                 self.log_z.start_at(0.0)
-            self.add_callback(LogZGradientCallback(self.log_z, self.accelerator))
+            self.log_z_optimizer = LogZOptimizerCallback.for_trainer(self, self.log_z)
+            self.add_callback(self.log_z_optimizer)
         self.add_callback(
             AlphaController(
                 args.alpha,
@@ -144,18 +152,6 @@ class PowerFlowTrainer(GRPOTrainer):
             )
         )
         self._non_finite_batches = 0
-
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        if self.log_z is not None:
-            self.log_z.add_to_optimizer(optimizer, self.args.log_z_learning_rate)
-        return optimizer
-
-    def create_scheduler(self, num_training_steps, optimizer=None):
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if self.log_z is not None:
-            self.log_z.keep_learning_rate_constant(scheduler, self.args.log_z_learning_rate)
-        return scheduler
 
     def _prepare_inputs(self, generation_batch):
         if not self.model.training:
@@ -229,7 +225,7 @@ class PowerFlowTrainer(GRPOTrainer):
         # transformers' generate: each distinct prompt prefilled once (see `prefix_sharing.py`). vLLM caches prefixes
         # itself; transformers' continuous batching has its own cache.
         model = self.accelerator.unwrap_model(self.model)
-        share = self.args.prefix_sharing and not self.use_vllm and not self.args.use_transformers_continuous_batching
+        share = self._shares_prefixes() and not self.use_vllm and not self.args.use_transformers_continuous_batching
         if share:
             model.generate = partial(generate_from_shared_prefill, model, type(model).generate.__get__(model))
         try:
@@ -240,14 +236,27 @@ class PowerFlowTrainer(GRPOTrainer):
             if share:
                 del model.generate
 
+    def _shares_prefixes(self) -> bool:
+        """`prefix_sharing`, except under ZeRO-3 and FSDP."""
+        if not self.args.prefix_sharing:
+            return False
+        # Under ZeRO-3 and FSDP every model call gathers weights in collectives that all processes must make alike,
+        # but each process decides for itself whether its batch is worth sharing (one call more or less: a hang); and
+        # ZeRO-3 frees a layer's gathered weights after each call, which the suffix pass's backward still needs
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if zero3 or self.is_fsdp_enabled:
+            logger.warning_once("Prefix sharing is off under DeepSpeed ZeRO-3 and FSDP: GRPO's passes are used.")
+            return False
+        return True
+
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs
     ):
         # Every pass (the base model's, the policy's) comes through here: with prefix sharing, each chunk of rows
         # computes each of its prompts once (see `prefix_sharing.py`)
         uses_more_inputs = any(value is not None and value is not False for value in kwargs.values())
-        if not self.args.prefix_sharing or uses_more_inputs:
-            if self.args.prefix_sharing:
+        if not self._shares_prefixes() or uses_more_inputs:
+            if self._shares_prefixes():
                 logger.warning_once(f"Prefix sharing is off for passes with {sorted(kwargs)}: GRPO's pass is used.")
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
@@ -391,10 +400,6 @@ class PowerFlowTrainer(GRPOTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # Called on resume by every backend (unlike `_load_from_checkpoint`, which DeepSpeed and FSDP bypass)
-        super()._load_optimizer_and_scheduler(checkpoint)
-        alpha_state = self.state.stateful_callbacks.get(AlphaController.__name__) if checkpoint is not None else None
-        if alpha_state:  # Trainer restores callbacks only with `restore_callback_states_from_checkpoint`: α always is
-            self.alpha_controller.restore(alpha_state)
         if checkpoint is not None and self.log_z is not None:
             if not os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE)):
                 raise FileNotFoundError(
@@ -402,6 +407,16 @@ class PowerFlowTrainer(GRPOTrainer):
                     "restored. Resume from a PowerFlow checkpoint."
                 )
             self.log_z.load(checkpoint)
+            self.log_z_optimizer.load(checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        alpha_state = self.state.stateful_callbacks.get(AlphaController.__name__) if checkpoint is not None else None
+        if alpha_state:  # Trainer restores callbacks only with `restore_callback_states_from_checkpoint`: α always is
+            self.alpha_controller.restore(alpha_state)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save and self.log_z is not None:
+            self.log_z_optimizer.save(output_dir)
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)

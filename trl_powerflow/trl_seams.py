@@ -9,8 +9,6 @@ TRL code each relies on.
   removed right after.
 - `prepare_in_memory_base`: TRL reloads a full fine-tuning reference from `config._name_or_path`, which a model passed
   as an object may lack or no longer match; a frozen copy of the object serves instead.
-- `LogZGradientCallback`: a learned log Z head belongs to the trainer, not the model: DDP does not average its
-  gradients and `model.zero_grad()` skips it.
 - `last_complete_checkpoint`: Trainer resumes from the highest-numbered checkpoint, even one a crash left half-written.
 - `check_inputs`: GRPO rejects a dataset without prompts only at the first step, after loading the model, and
   accepts a vision-language processor whose images the policy pass would drop.
@@ -20,9 +18,8 @@ import contextlib
 import os
 import re
 
-import torch
 from datasets import Dataset
-from transformers import ProcessorMixin, TrainerCallback
+from transformers import ProcessorMixin
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import logging
 from trl.data_utils import is_conversational
@@ -60,23 +57,6 @@ def prepare_in_memory_base(trainer, base_model):
     if trainer.is_fsdp_enabled:
         return prepare_fsdp(base_model, trainer.accelerator)
     return trainer.accelerator.prepare_model(base_model, evaluation_mode=True)
-
-
-class LogZGradientCallback(TrainerCallback):
-    """Average the learned log Z head's gradients across processes before each optimizer step; zero them after."""
-
-    def __init__(self, log_z, accelerator):
-        self.log_z, self.accelerator = log_z, accelerator
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.accelerator.num_processes > 1:
-            for param in self.log_z.parameters():
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                param.grad = self.accelerator.reduce(param.grad, reduction="mean")
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.log_z.zero_grad(set_to_none=True)
 
 
 def last_complete_checkpoint(output_dir: str, with_log_z: bool = True) -> str | None:
