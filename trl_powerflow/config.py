@@ -57,9 +57,9 @@ class PowerFlowConfig(GRPOConfig):
         log_z_hidden_size (`int`, *optional*, defaults to `256`):
             Learned head only. Width of the hidden layers of the prompt-conditioned log Z head.
         log_z_learning_rate (`float`, *optional*, defaults to `1e-2`):
-            Learned head only. Learning rate of the log Z head: its own optimizer group, no weight decay, constant
-            (no warmup or decay: the head must track a moving target to the last step) and outside `max_grad_norm`
-            clipping (its gradient does not grow with the model's). Far larger than the policy's.
+            Learned head only. Learning rate of the log Z head's own optimizer (of the policy's kind): no weight
+            decay, constant (no warmup or decay: the head must track a moving target to the last step) and outside
+            `max_grad_norm` clipping (its gradient does not grow with the model's). Far larger than the policy's.
         log_z_init (`str`, *optional*, defaults to `"first_batch"`):
             Learned head only. `"first_batch"`: fit log Z'(x) to the values that zero the residuals of the first batch
             (at the start the residual is dominated by `(1 - alpha) * mean base log-prob`, many nats). `"zero"`: start
@@ -149,7 +149,7 @@ class PowerFlowConfig(GRPOConfig):
     )
     log_z_learning_rate: float = field(
         default=1e-2,
-        metadata={"help": "Learning rate of the log Z head (its own optimizer group). Far larger than the policy's."},
+        metadata={"help": "Learning rate of the log Z head (its own optimizer). Far larger than the policy's."},
     )
     log_z_init: str = field(
         default="first_batch",

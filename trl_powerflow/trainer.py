@@ -48,7 +48,7 @@ class PowerFlowTrainer(GRPOTrainer):
     - the base model's log-probabilities are TRL's reference log-probabilities, always computed (the adapter-disabled
       model with PEFT, a frozen reference otherwise; `beta` is never a coefficient);
     - log Z'(x) comes from each prompt's group of samples (the default), so a generation batch is shuffled by whole
-      prompt groups (`_prepare_inputs`); or from a learned head owned by the trainer (own optimizer group at a
+      prompt groups (`_prepare_inputs`); or from a learned head owned by the trainer (its own optimizer at a
       constant learning rate, saved with every checkpoint as `log_z.safetensors`);
     - prefix sharing (`_generate_single_turn`, `_get_per_token_logps_and_entropies`): each prompt is computed once for
       all of its samples, in generation and in both scoring passes;
