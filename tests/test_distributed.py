@@ -23,7 +23,10 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_run.py")
 ACCELERATE_CONFIGS = os.path.join(os.path.dirname(trl.__file__), "accelerate_configs")
 
 
-def _run(output_dir, num_processes, per_device_batch_size, estimator, device="cpu", launcher=None, resume=False):
+def _run(
+    output_dir, num_processes, per_device_batch_size, estimator, device="cpu", launcher=None, resume=False, ok=True
+):
+    """Launch `distributed_run.py`; with `ok`, assert that it succeeded."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if device != "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -31,7 +34,7 @@ def _run(output_dir, num_processes, per_device_batch_size, estimator, device="cp
     command = [sys.executable, *launcher, SCRIPT, str(output_dir), str(per_device_batch_size), estimator, device]
     command += ["resume"] if resume else []
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0 or not ok, result.stderr[-3000:]
     return result
 
 
@@ -90,8 +93,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, on
     _same_run(one_process(estimator), tmp_path, estimator)
 
 
-# ZeRO-2 with the learned head is left out: on two CPU processes its second step's gradient differs from the one
-# process's by about 0.5% (DeepSpeed's gradient partitioning; ZeRO-1, ZeRO-3 and ZeRO-2 on one process agree to 1e-8)
+# ZeRO-2 with the learned head is left out: on two CPU processes it drifts from the one-process run from its second
+# step on, where ZeRO-1, ZeRO-3 and ZeRO-2 on one process do not (README, "Several processes or GPUs")
 @pytest.mark.parametrize(
     "engine, estimator", [("zero1", "learned"), ("zero2", "group"), ("zero3", "group"), ("zero3", "learned")]
 )
@@ -120,9 +123,7 @@ def test_zero3_resumes_from_its_checkpoint_like_the_uninterrupted_run(tmp_path, 
 
 def test_processes_without_a_distributed_engine_are_refused(tmp_path):
     # An FSDP configuration on CPU processes without `use_cpu`: accelerate starts 2 processes and no engine
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, *_accelerate("fsdp2", 2), SCRIPT, str(tmp_path), "8", "group", "gloo"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    result = _run(tmp_path, 2, 8, "group", device="gloo", launcher=_accelerate("fsdp2", 2), ok=False)
     assert result.returncode != 0
     assert "2 processes, but accelerate set up no distributed engine for them" in result.stderr
 

@@ -255,8 +255,9 @@ class PowerFlowTrainer(GRPOTrainer):
         # Every pass (the base model's, the policy's) comes through here: with prefix sharing, each chunk of rows
         # computes each of its prompts once (see `prefix_sharing.py`)
         uses_more_inputs = any(value is not None and value is not False for value in kwargs.values())
-        if not self._shares_prefixes() or uses_more_inputs:
-            if self._shares_prefixes():
+        shares_prefixes = self._shares_prefixes()
+        if not shares_prefixes or uses_more_inputs:
+            if shares_prefixes:
                 logger.warning_once(f"Prefix sharing is off for passes with {sorted(kwargs)}: GRPO's pass is used.")
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
