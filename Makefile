@@ -1,5 +1,6 @@
 # `make demo`: fine-tune the embedded SmolLM2-135M-Instruct with PowerFlow and print accuracy before/after.
 # `make test`: run the test suite.
+# `make lint`: ruff's checks and its format check (what CI runs before the tests).
 # Both build .venv first, once: later runs only check that it is up to date.
 #
 # DEMO_ARGS / PYTEST_ARGS pass extra flags, e.g. `make demo DEMO_ARGS="--max_steps 10"`,
@@ -17,7 +18,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: install demo test
+.PHONY: install demo test lint
 
 install: $(STAMP)
 
@@ -38,3 +39,7 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .

@@ -376,7 +376,8 @@ def test_the_sampler_encodes_prompts_as_training_does(tmp_path, tokenizer):
     from datasets import Dataset
 
     from trl_powerflow import PowerFlowTrainer
-    from trl_powerflow.sampling import _encode_prompts, sample
+    from trl_powerflow.decoding import encode_prompts
+    from trl_powerflow.sampling import sample
 
     prompts = [[{"role": "user", "content": "p0 a"}], [{"role": "user", "content": "p1"}]]
     trainer = PowerFlowTrainer(
@@ -387,7 +388,7 @@ def test_the_sampler_encodes_prompts_as_training_does(tmp_path, tokenizer):
     )
     batch = trainer._generate_and_score_completions([{"prompt": prompts[0]}, {"prompt": prompts[1]}])
     trained = [ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"], strict=True)]
-    assert trained == _encode_prompts(tokenizer, prompts)
+    assert trained == encode_prompts(tokenizer, prompts)
     assert trained[1] == tokenizer.convert_tokens_to_ids(["user:", "p1", "assistant:"])
     # `sample` sends a plain string as a user message: the same ids as the conversational prompt
     greedy = dict(tokenizer=tokenizer, num_samples=1, max_new_tokens=3, temperature=0)

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ._io import atomic_path
+from .compat import passed_cache, unwrap_peft
 
 
 LOG_Z_FILE = "log_z.safetensors"
@@ -160,7 +161,7 @@ def captured_prompt_features(model, feature: str, prompt_ids: torch.Tensor, prom
         past_lengths = []
 
         def note_past_length(module, args, kwargs):
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = passed_cache(kwargs)
             past_lengths.append(cache.get_seq_length() if cache is not None else 0)
 
         def keep_last_prompt_state(module, args, kwargs, output):
@@ -205,8 +206,7 @@ def _mean_prompt_embedding(captured, prompt_ids, prompt_mask):
 
 
 def _decoder(model):
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return model.get_decoder()
+    return unwrap_peft(model).get_decoder()
 
 
 class LogZOptimizerCallback(TrainerCallback):

@@ -17,15 +17,15 @@ plain ancestral sampling at the given temperature: no top-k, top-p or other proc
 config says, so that temperature 1 draws from the model's own distribution.
 """
 
-import inspect
 import os
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from .compat import is_quantized
+from .decoding import encode_prompts, eval_mode, model_device, prompt_list, sample_continuations, stop_token_ids
 from .models import resolve_model_name_or_path
 
 
@@ -77,8 +77,7 @@ def load_model_and_tokenizer(
             os.path.isfile(os.path.join(path, name)) for name in ("tokenizer_config.json", "tokenizer.json")
         )
         tokenizer_path = path if has_tokenizer else PeftConfig.from_pretrained(path).base_model_name_or_path
-        quantized = any(getattr(model.get_base_model(), f"is_loaded_in_{bits}bit", False) for bits in (4, 8))
-        if merge_adapter and not quantized:
+        if merge_adapter and not is_quantized(model):
             model = model.merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -87,154 +86,6 @@ def load_model_and_tokenizer(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
-
-
-def _prompt_list(prompts) -> list:
-    if hasattr(prompts, "column_names"):  # a datasets.Dataset
-        prompts = prompts["prompt"]
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict) and "role" in prompts[0]):
-        raise TypeError("prompts must be a list of prompts (strings or conversations), not a single prompt")
-    return list(prompts)
-
-
-def _prompt_text(tokenizer, prompt) -> str:
-    """A plain string as is; a conversation (list of messages) through the chat template with the generation prompt
-    (as TRL does); a dataset row (dict) by its `prompt`."""
-    if isinstance(prompt, dict):
-        prompt = prompt["prompt"]
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-
-
-def _encode_prompts(tokenizer, prompts) -> list[list[int]]:
-    # As in TRL: the chat template already adds whatever special tokens the model expects.
-    return [tokenizer(_prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-
-
-def _stop_ids(model, tokenizer) -> list[int]:
-    """Token ids that end a completion: the generation config's EOS id(s) and the tokenizer's EOS."""
-    ids = set()
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (config_eos, tokenizer.eos_token_id):
-        if value is None:
-            continue
-        ids.update([value] if isinstance(value, int) else value)
-    if not ids:
-        raise ValueError("Neither the model's generation config nor the tokenizer defines an EOS token")
-    return sorted(ids)
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-@contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _forward_options(model) -> tuple[bool, str]:
-    """Whether the model's forward takes `logits_to_keep`, and the name of its KV-cache argument (`cache` from
-    transformers 5.2x on, `past_key_values` before)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(base.forward).parameters
-    return "logits_to_keep" in parameters, "cache" if "cache" in parameters else "past_key_values"
-
-
-def _cache_of(outputs):
-    cache = getattr(outputs, "cache", None)
-    return cache if cache is not None else outputs.past_key_values
-
-
-@dataclass
-class _Continuations:
-    tokens: list[list[int]]  # sampled tokens of each row, the stop token included when one was drawn
-    logps: list[list[float]]  # log p(token | prefix) at temperature 1
-    logqs: list[list[float]]  # log q(token | prefix) at the sampling temperature
-    stopped: list[bool]  # whether the row ended with a stop token
-    forward_tokens: int  # token positions the model processed (padding included)
-
-
-def _sample_continuations(
-    model, prefixes, limits, temperature, stop_ids, pad_id, generator, options
-) -> _Continuations:
-    """Ancestral sampling with a KV cache: row `i` continues `prefixes[i]` (a non-empty id list) by at most
-    `limits[i]` tokens, stopping after a stop token. Tokens come from softmax(logits / temperature) (argmax at 0),
-    with no other logits processor. Rows are left-padded; positions skip the padding."""
-    device = _model_device(model)
-    batch = len(prefixes)
-    width = max(len(p) for p in prefixes)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    for i, prefix in enumerate(prefixes):
-        input_ids[i, width - len(prefix) :] = torch.tensor(prefix)
-        attention_mask[i, width - len(prefix) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    limits_t = torch.tensor(limits, device=device)
-    stop_t = torch.tensor(stop_ids, device=device)
-
-    logits_to_keep, cache_name = options
-    kwargs = {"logits_to_keep": 1} if logits_to_keep else {}
-    outputs = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kwargs
-    )
-    forward_tokens = batch * width
-    past, logits = _cache_of(outputs), outputs.logits[:, -1].float()
-    positions = position_ids[:, -1]
-
-    tokens, logps, logqs = [], [], []
-    finished = limits_t <= 0
-    for step in range(max(limits)):
-        logp = torch.log_softmax(logits, dim=-1)
-        if temperature == 0:
-            next_tokens = logits.argmax(-1)
-            logq = torch.zeros_like(logp)
-        else:
-            logq = logp if temperature == 1 else torch.log_softmax(logits / temperature, dim=-1)
-            next_tokens = torch.multinomial(logq.exp(), 1, generator=generator).squeeze(-1)
-        tokens.append(next_tokens)
-        logps.append(logp.gather(-1, next_tokens[:, None]).squeeze(-1))
-        logqs.append(logq.gather(-1, next_tokens[:, None]).squeeze(-1))
-        active = ~finished
-        finished = finished | torch.isin(next_tokens, stop_t) | (limits_t <= step + 1)
-        if bool(finished.all()):
-            break
-        positions = positions + 1
-        attention_mask = torch.cat([attention_mask, active.long()[:, None]], dim=-1)
-        outputs = model(
-            input_ids=torch.where(active, next_tokens, pad_id)[:, None],
-            attention_mask=attention_mask,
-            position_ids=positions[:, None],
-            use_cache=True,
-            **{cache_name: past},
-        )
-        forward_tokens += batch
-        past, logits = _cache_of(outputs), outputs.logits[:, -1].float()
-
-    tokens_t = torch.stack(tokens, 1).cpu() if tokens else torch.zeros(batch, 0, dtype=torch.long)
-    logps_t = torch.stack(logps, 1).cpu() if logps else torch.zeros(batch, 0)
-    logqs_t = torch.stack(logqs, 1).cpu() if logqs else torch.zeros(batch, 0)
-    stop_set = set(stop_ids)
-    result = _Continuations([], [], [], [], forward_tokens)
-    for i in range(batch):
-        row = tokens_t[i, : limits[i]].tolist()
-        length = next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))
-        result.tokens.append(row[:length])
-        result.logps.append(logps_t[i, :length].tolist())
-        result.logqs.append(logqs_t[i, :length].tolist())
-        result.stopped.append(length > 0 and row[length - 1] in stop_set)
-    return result
 
 
 @dataclass
@@ -260,21 +111,42 @@ class GenerationResult:
     def __iter__(self):  # `texts, num_tokens = generate_samples(...)`
         return iter((self.texts, self.num_tokens))
 
+    @classmethod
+    def from_rows(cls, tokenizer, num_samples, tokens, logps, stopped, forward_tokens, **fields):
+        """Built from flat per-sample rows (`num_samples` consecutive rows per prompt): completion token ids, their
+        summed log-probs, and whether each ended with a stop token; `fields` are a subclass's own."""
 
-def _group(values, num_samples):
-    return [values[i : i + num_samples] for i in range(0, len(values), num_samples)]
+        def grouped(values):
+            return [values[i : i + num_samples] for i in range(0, len(values), num_samples)]
+
+        texts = [
+            tokenizer.decode(ids[:-1] if stop else ids, skip_special_tokens=True)
+            for ids, stop in zip(tokens, stopped, strict=True)
+        ]
+        return cls(
+            texts=grouped(texts),
+            token_ids=grouped(tokens),
+            num_tokens=grouped([len(ids) for ids in tokens]),
+            logps=grouped(logps),
+            truncated=grouped([not stop for stop in stopped]),
+            forward_tokens=forward_tokens,
+            **fields,
+        )
 
 
-def _decode(tokenizer, ids, stop_ids):
-    if ids and ids[-1] in stop_ids:
-        ids = ids[:-1]
-    return tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def _make_generator(device, seed):
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed)
+def sampling_inputs(model, tokenizer, prompts, num_samples: int, seed: int | None):
+    """
+    What sampling `num_samples` completions of each of `prompts` starts from: the prompts' token ids, each repeated
+    `num_samples` times; the stop token ids; the padding id; and a random generator seeded with `seed` (`None`
+    without a seed: the global one is used).
+    """
+    stop_ids = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    prompt_ids = [ids for ids in encode_prompts(tokenizer, prompt_list(prompts)) for _ in range(num_samples)]
+    if any(len(ids) == 0 for ids in prompt_ids):
+        raise ValueError("A prompt encodes to no token; give the model something to condition on")
+    generator = None if seed is None else torch.Generator(device=model_device(model)).manual_seed(seed)
+    return prompt_ids, stop_ids, pad_id, generator
 
 
 def generate_samples(
@@ -318,34 +190,20 @@ def generate_samples(
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    prompts = _prompt_list(prompts)
-    stop_ids = _stop_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    prompt_ids = [ids for ids in _encode_prompts(tokenizer, prompts) for _ in range(num_samples)]
-    if any(len(ids) == 0 for ids in prompt_ids):
-        raise ValueError("A prompt encodes to no token; give the model something to condition on")
-    generator = _make_generator(_model_device(model), seed)
-    options = _forward_options(model)
+    prompt_ids, stop_ids, pad_id, generator = sampling_inputs(model, tokenizer, prompts, num_samples, seed)
     tokens, logps, stopped, forward_tokens = [], [], [], 0
-    with _eval_mode(model), tqdm(total=len(prompt_ids), desc="Sampling", unit="seq", disable=not progress) as bar:
+    with eval_mode(model), tqdm(total=len(prompt_ids), desc="Sampling", unit="seq", disable=not progress) as bar:
         for start in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[start : start + batch_size]
-            out = _sample_continuations(
-                model, chunk, [max_new_tokens] * len(chunk), temperature, stop_ids, pad_id, generator, options
+            out = sample_continuations(
+                model, chunk, [max_new_tokens] * len(chunk), temperature, stop_ids, pad_id, generator
             )
             tokens += out.tokens
             logps += [sum(row) for row in out.logps]
             stopped += out.stopped
             forward_tokens += out.forward_tokens
             bar.update(len(chunk))
-    return GenerationResult(
-        texts=_group([_decode(tokenizer, ids, stop_ids) for ids in tokens], num_samples),
-        token_ids=_group(tokens, num_samples),
-        num_tokens=_group([len(ids) for ids in tokens], num_samples),
-        logps=_group(logps, num_samples),
-        truncated=_group([not s for s in stopped], num_samples),
-        forward_tokens=forward_tokens,
-    )
+    return GenerationResult.from_rows(tokenizer, num_samples, tokens, logps, stopped, forward_tokens)
 
 
 def sample(

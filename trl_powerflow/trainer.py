@@ -14,6 +14,7 @@ from trl.trainer.utils import get_config_model_id, split_tensor_dict
 
 from .alpha import AlphaController
 from .callbacks import repeated_ngram_rate
+from .compat import check_bitsandbytes
 from .config import PowerFlowConfig
 from .groups import prompt_groups, shuffle_groups
 from .log_z import LOG_Z_FILE, LogZ, LogZOptimizerCallback, captured_prompt_features, prompt_feature_size
@@ -97,6 +98,9 @@ class PowerFlowTrainer(GRPOTrainer):
                 "`PowerFlowConfig(...)`: it accepts every GRPOConfig argument."
             )
         check_inputs(kwargs.get("train_dataset"), kwargs.get("processing_class"))
+        if isinstance(model, str):  # TRL loads it: refuse 4-bit/8-bit without bitsandbytes before it starts
+            init_config = (args.model_init_kwargs or {}).get("quantization_config")
+            check_bitsandbytes("`quantization_config`", kwargs.get("quantization_config"), init_config)
 
         # TRL rebuilds a full fine-tuning reference from `config._name_or_path`, which a model passed as an object may
         # lack or no longer match: freeze a copy of the object itself instead.

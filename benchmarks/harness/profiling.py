@@ -6,6 +6,8 @@ from collections import defaultdict
 
 import torch
 
+from trl_powerflow.compat import unwrap_peft
+
 
 SYNC_METHODS = ["item", "tolist", "cpu", "__bool__", "nonzero"]
 
@@ -20,9 +22,7 @@ def start_profiler(trainer):
     # backbone forward calls per phase (policy and reference)
     handles = []
     for model in {id(m): m for m in [trainer.model, trainer.ref_model] if m is not None}.values():
-        unwrapped = trainer.accelerator.unwrap_model(model)
-        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        backbone = base.base_model  # LlamaModel
+        backbone = unwrap_peft(trainer.accelerator.unwrap_model(model)).base_model  # LlamaModel
 
         def hook(module, args, kwargs, _which=("reference" if model is trainer.ref_model else "policy")):
             ids = kwargs.get("input_ids", args[0] if args else None)

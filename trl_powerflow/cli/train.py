@@ -57,9 +57,14 @@ def train(script_args: PowerFlowScriptArguments, training_args: PowerFlowConfig,
     from transformers import AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
+    from ..compat import check_bitsandbytes
     from ..models import resolve_model_name_or_path
     from ..trainer import PowerFlowTrainer
 
+    try:  # before the data and the model load
+        check_bitsandbytes("--load_in_4bit/--load_in_8bit", get_quantization_config(model_args))
+    except ImportError as error:
+        raise CLIError(error) from None
     start = time.perf_counter()
     train_dataset = load_prompts(script_args, script_args.dataset_train_split)
     eval_dataset = None

@@ -47,7 +47,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..sampling import GenerationResult, _prompt_list, generate_samples, load_model_and_tokenizer
+from ..decoding import prompt_list
+from ..sampling import GenerationResult, generate_samples, load_model_and_tokenizer
 from .accuracy import (
     MATCHERS,
     avg_at_k,
@@ -147,7 +148,7 @@ def evaluate_model(
         result["semantic_diversity"] = semantic_diversity(out.texts)
     if judge is not None:
         judge_model, judge_tokenizer = judge if isinstance(judge, tuple) else (judge, None)
-        pairs = [(p, s) for p, group in zip(_prompt_list(prompts), out.texts, strict=True) for s in group]
+        pairs = [(p, s) for p, group in zip(prompt_list(prompts), out.texts, strict=True) for s in group]
         scores = [f for f in fluency(pairs, judge_model, judge_tokenizer, progress=progress) if not math.isnan(f)]
         result["fluency"] = sum(scores) / len(scores) if scores else float("nan")
     result["samples"] = out.texts

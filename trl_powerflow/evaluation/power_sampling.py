@@ -7,19 +7,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..sampling import (
-    GenerationResult,
-    _decode,
-    _encode_prompts,
-    _eval_mode,
-    _forward_options,
-    _group,
-    _make_generator,
-    _model_device,
-    _prompt_list,
-    _sample_continuations,
-    _stop_ids,
-)
+from ..decoding import eval_mode, sample_continuations
+from ..sampling import GenerationResult, sampling_inputs
 
 
 @dataclass
@@ -105,24 +94,16 @@ def power_sampling(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     caps = list(range(block_size, max_new_tokens, block_size)) + [max_new_tokens]
 
-    prompts = _prompt_list(prompts)
-    stop_ids = _stop_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    prompt_ids = [ids for ids in _encode_prompts(tokenizer, prompts) for _ in range(num_samples)]
-    if any(len(ids) == 0 for ids in prompt_ids):
-        raise ValueError("A prompt encodes to no token; give the model something to condition on")
-    device = _model_device(model)
-    generator = _make_generator(device, seed)
+    prompt_ids, stop_ids, pad_id, generator = sampling_inputs(model, tokenizer, prompts, num_samples, seed)
     cpu_generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    options = _forward_options(model)
 
     def sample(prefixes, limits):
-        return _sample_continuations(model, prefixes, limits, tau, stop_ids, pad_id, generator, options)
+        return sample_continuations(model, prefixes, limits, tau, stop_ids, pad_id, generator)
 
     tokens, logps, stopped = [], [], []
     forward_tokens = proposals = accepted = 0
     total = len(prompt_ids) * len(caps) * (mcmc_steps + 1)
-    with _eval_mode(model), tqdm(total=total, desc="Power sampling", unit="chain-step", disable=not progress) as bar:
+    with eval_mode(model), tqdm(total=total, desc="Power sampling", unit="chain-step", disable=not progress) as bar:
         for start in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[start : start + batch_size]
             n = len(chunk)
@@ -165,13 +146,13 @@ def power_sampling(
             tokens += y
             logps += [sum(row) for row in lp]
             stopped += done
-    return PowerSamplingResult(
-        texts=_group([_decode(tokenizer, ids, stop_ids) for ids in tokens], num_samples),
-        token_ids=_group(tokens, num_samples),
-        num_tokens=_group([len(ids) for ids in tokens], num_samples),
-        logps=_group(logps, num_samples),
-        truncated=_group([not s for s in stopped], num_samples),
-        forward_tokens=forward_tokens,
+    return PowerSamplingResult.from_rows(
+        tokenizer,
+        num_samples,
+        tokens,
+        logps,
+        stopped,
+        forward_tokens,
         proposals=proposals,
         accepted=accepted,
         acceptance_rate=accepted / proposals if proposals else float("nan"),

@@ -8,13 +8,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..sampling import (
-    _encode_prompts,
-    _eval_mode,
-    _model_device,
-    _stop_ids,
-    load_model_and_tokenizer,
-)
+from ..decoding import encode_prompts, eval_mode, model_device, stop_token_ids
+from ..sampling import load_model_and_tokenizer
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,7 +53,7 @@ def fluency(
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None:
         raise ValueError("Pass the judge's tokenizer with a model object")
-    eos_id = _stop_ids(model, tokenizer)[0] if tokenizer.eos_token_id is None else tokenizer.eos_token_id
+    eos_id = stop_token_ids(model, tokenizer)[0] if tokenizer.eos_token_id is None else tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
 
     sequences = []  # (context ids, scored ids)
@@ -69,15 +64,15 @@ def fluency(
             scored = ids if tokenizer.bos_token_id is not None else ids[1:]
         else:
             prompt, completion = item
-            context = _encode_prompts(tokenizer, [prompt])[0]
+            context = encode_prompts(tokenizer, [prompt])[0]
             scored = tokenizer(completion, add_special_tokens=False)["input_ids"]
         if include_eos:
             scored = scored + [eos_id]
         sequences.append((context, scored))
 
-    device = _model_device(model)
+    device = model_device(model)
     results = []
-    with _eval_mode(model), tqdm(total=len(sequences), desc="Fluency", unit="text", disable=not progress) as bar:
+    with eval_mode(model), tqdm(total=len(sequences), desc="Fluency", unit="text", disable=not progress) as bar:
         for start in range(0, len(sequences), batch_size):
             chunk = sequences[start : start + batch_size]
             width = max(len(c) + len(s) for c, s in chunk)
