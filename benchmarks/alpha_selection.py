@@ -12,7 +12,7 @@ unlabeled train-split questions, avg@k at T=1 on held-out test-split questions):
 The table gives per start model the best fixed α and its accuracy, the α the controller ended at and its accuracy,
 and their difference with a 95% bootstrap interval over questions.
 
-Example (the README's run, one process per seed, then the combined table):
+Example (the run of docs/benchmarks.md, one process per seed, then the combined table):
 
     python benchmarks/alpha_selection.py --seeds 0 --name alpha_selection_seed0
     python benchmarks/alpha_selection.py --seeds 1 --name alpha_selection_seed1

@@ -17,7 +17,7 @@ as judge, higher = more fluent) and format validity.
 
 The start model is the embedded model, or --start_from DIR (a merged model directory), or, with --sharpen_steps N,
 the embedded model after N steps of PowerFlow alpha = --sharpen_alpha on the creative train prompts (merged into
-a scratch directory): an over-sharpened start, a stand-in for alignment's sharpening (the README's creativity section).
+a scratch directory): an over-sharpened start, a stand-in for alignment's sharpening (see docs/benchmarks.md).
 PowerFlow's target is then p_start^alpha.
 
 Example:

@@ -12,7 +12,7 @@ The learned head runs once per prompt feature in --log_z_conditionings (`embeddi
 the prompt; `hidden`: the last layer's hidden state at its last token; `scalar`: none), and also records
 `powerflow/log_z_gap`, the mean distance of log Z'(x) to each prompt's own target.
 
-Example (the README's table):
+Example (the tables of docs/benchmarks.md):
 
     python benchmarks/log_z_tracking.py --max_steps 20
     python benchmarks/log_z_tracking.py --estimators learned --log_z_conditionings embedding hidden --seeds 0 1
