@@ -43,11 +43,12 @@ def main(output_dir, per_device_batch_size, estimator, device="cpu", resume=None
         alpha_step_size=0.5,
         log_z_init="zero",
         log_z_learning_rate=1e-2,
-        # Greedy decoding: both runs see the same completions, so only the training arithmetic is compared
-        generation_kwargs={"do_sample": False},
     )
     dataset = Dataset.from_dict({"prompt": ["p0", "p1", "p0 a", "p1 b", "a p0", "b p1"] * 4})
     trainer = PowerFlowTrainer(make_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
+    # Greedy decoding, so that both runs see the same completions and only the training arithmetic is compared. The
+    # configuration refuses it (no target can be learned from one completion per prompt): set on the trainer instead
+    trainer.generation_config.do_sample = trainer.generation_kwargs["do_sample"] = False
     trainer.train(resume_from_checkpoint=resume == "resume" or None)
     # The engine the policy trained under: FSDP2 shards parameters as DTensors
     parameter = next(trainer.model_wrapped.parameters())

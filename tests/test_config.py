@@ -9,7 +9,7 @@ from conftest import make_config
     [
         ({"alpha": 0.0}, "`alpha` must be a finite number > 0"),
         ({"alpha": float("nan")}, "`alpha` must be a finite number > 0"),
-        ({"temperature": 0.7}, "`temperature` must be 1.0"),
+        ({"temperature": 0.7}, "`temperature=0.7` is not supported by PowerFlow: must be 1.0"),
         ({"num_generations": 1, "per_device_train_batch_size": 1}, "at least 2 generations per prompt"),
         ({"max_completion_length": 0}, "`max_completion_length` must be >= 1"),
         ({"log_z_conditioning": "hidden_states"}, "`log_z_conditioning` must be 'embedding', 'hidden' or 'scalar'"),
@@ -18,7 +18,7 @@ from conftest import make_config
         ({"log_z_learning_rate": 0.0}, "`log_z_learning_rate` must be > 0"),
         ({"log_z_hidden_size": 0}, "`log_z_hidden_size` must be >= 1"),
         ({"epsilon": 1.0}, "need 0 <= epsilon < 1"),
-        ({"sync_ref_model": True}, "`sync_ref_model=True` would move the base model"),
+        ({"sync_ref_model": True}, "`sync_ref_model=True` is not supported by PowerFlow: it would move the base"),
     ],
 )
 def test_bad_configuration_is_refused_with_a_clear_message(tmp_path, overrides, message):

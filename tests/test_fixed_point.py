@@ -76,6 +76,7 @@ def _train_and_compare(tmp_path, alpha, length_normalization, with_psi=False, pr
         )
         assert own <= 0.05
         assert other >= gap / 2 and other >= 2 * own
+    return trainer
 
 
 @pytest.mark.parametrize("alpha", [2.0, 0.5])
@@ -95,3 +96,10 @@ def test_group_estimate_with_psi_and_importance_weights_reaches_the_exact_fixed_
     _train_and_compare(
         tmp_path, 2.0, True, with_psi=True, prompts=["a p0", "b p1"], log_z_estimator="group", num_iterations=2
     )
+
+
+def test_a_repetition_penalty_changes_the_sampler_not_the_fixed_point(tmp_path):
+    # The sampler draws from a penalised policy that can still draw every completion: trajectory balance's fixed
+    # point does not depend on the sampler, so the target is the same α-power tilted on length
+    trainer = _train_and_compare(tmp_path, 2.0, True, log_z_estimator="group", repetition_penalty=2.0)
+    assert trainer.generation_config.repetition_penalty == 2.0

@@ -167,3 +167,56 @@ def test_logged_log_probs_are_per_token_in_both_modes():
         out = powerflow_loss(policy, base, mask, torch.zeros(1), alpha=2.0, length_normalization=length_normalization)
         torch.testing.assert_close(out.policy_logps, torch.tensor([-2.0]))
         torch.testing.assert_close(out.base_logps, torch.tensor([-2.0]))
+
+
+# ψ's numerics: a constant shared by a prompt's samples changes nothing
+
+
+def _group_loss_and_grad(psi, policy_dtype=torch.float32):
+    torch.manual_seed(0)
+    policy = torch.randn(6, 4).mul(2).sub(3).to(policy_dtype).requires_grad_()
+    base = torch.randn(6, 4).mul(2).sub(3)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    out = powerflow_loss(policy, base, mask, None, alpha=4.0, psi=psi, groups=groups)
+    out.loss.sum().backward()
+    return out, policy.grad
+
+
+@pytest.mark.parametrize("constant", [1e6, 1e7, -3e7])
+def test_a_constant_psi_leaves_the_group_estimate_loss_and_gradient_unchanged(constant):
+    # Uncentred, α·1e6 swamps the policy's part of the target in float32 (the loss changes), and at 1e7 the loss is 0
+    reference, reference_grad = _group_loss_and_grad(torch.zeros(6))
+    out, grad = _group_loss_and_grad(torch.full((6,), constant))
+    assert reference.loss.sum() > 1.0
+    torch.testing.assert_close(out.loss, reference.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-6, atol=1e-6)
+    # log Z'(x) is still reported for the target as written: shifted by α·c
+    torch.testing.assert_close(out.log_z.double(), reference.log_z.double() + 4.0 * constant, rtol=1e-7, atol=0.0)
+
+
+def test_a_per_prompt_constant_on_top_of_a_varying_psi_changes_nothing():
+    psi = torch.tensor([0.0, -0.5, 0.25, 1.0, 0.0, -0.75], dtype=torch.float64)
+    reference, reference_grad = _group_loss_and_grad(psi)
+    out, grad = _group_loss_and_grad(psi + torch.tensor([1e7, 1e7, 1e7, -2e6, -2e6, -2e6], dtype=torch.float64))
+    torch.testing.assert_close(out.loss, reference.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-6, atol=1e-6)
+    # and ψ does enter: against ψ = 0, the loss differs
+    assert not torch.allclose(reference.loss, _group_loss_and_grad(torch.zeros(6))[0].loss)
+
+
+def test_half_precision_log_probs_are_summed_in_float32():
+    # bf16 keeps few bits: summed in bf16, these log-probs would lose their last digits
+    policy = torch.linspace(-3.0, -3.6, 64).to(torch.bfloat16).unsqueeze(0).requires_grad_()
+    out = powerflow_loss(policy, torch.zeros(1, 64), torch.ones(1, 64), torch.zeros(1), alpha=2.0)
+    assert out.loss.dtype == torch.float32
+    exact = policy.detach().double().mean()
+    assert abs(out.policy_logps.double().item() - exact.item()) < 1e-6
+    assert abs(out.residual.double().item() - exact.item()) < 1e-6
+
+
+def test_a_learned_log_z_sees_psi_as_is():
+    # No centring when log Z'(x) is given: a constant c moves its target by α·c
+    policy, base, mask = _inputs([[-1.0, -1.0]], [[-2.0, -2.0]], [[1, 1]])
+    out = powerflow_loss(policy, base, mask, torch.tensor([0.0]), alpha=2.0, psi=torch.tensor([3.0]))
+    torch.testing.assert_close(out.residual, torch.tensor([0.0 + (-1.0) - 2.0 * (-2.0 + 3.0)]))

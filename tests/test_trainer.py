@@ -485,7 +485,7 @@ def test_invalid_alpha(tmp_path, alpha):
 
 
 def test_temperature_must_be_one(tmp_path):
-    with pytest.raises(ValueError, match="`temperature`"):
+    with pytest.raises(ValueError, match="`temperature=0.7` is not supported"):
         make_config(tmp_path, temperature=0.7)
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from .grpo_fields import check_grpo_fields
+
 
 @dataclass
 class PowerFlowConfig(GRPOConfig):
@@ -73,18 +75,25 @@ class PowerFlowConfig(GRPOConfig):
         epsilon_high (`float`, *optional*, defaults to `0.28`):
             Upper clipping bound of the sequence-level importance weight: `w <= 1 + epsilon_high`.
         beta (`float`, *optional*, defaults to `0.0`):
-            Unused: PowerFlow has no KL term, the base model enters only through the target. Kept so GRPO
-            configurations load; any other value is ignored.
+            Ignored (a warning if set): PowerFlow has no KL term, the base model enters only through the target. Kept
+            so GRPO configurations load.
         vllm_importance_sampling_correction (`bool`, *optional*, defaults to `False`):
-            Off, and any other value is ignored. GRPO multiplies its loss by the ratio of the trained model's
-            probability to vLLM's sampler's; trajectory balance needs no such correction: every residual is zero at
-            the target whatever distribution drew the samples (as long as it covers the target's support), so the
-            fixed point does not depend on the sampler. Off, TRL also skips the forward that computes the ratio.
-            PowerFlow never reads vLLM's log-probabilities: the policy and base terms, and the importance weight
-            `w`, come from the trained model.
-        temperature (`float`, *optional*, defaults to `1.0`):
-            Must be 1.0: the residual needs the untempered policy and base log-probabilities, which TRL's log-prob
-            head computes at the sampling temperature.
+            Always off (a warning if set): trajectory balance needs no sampler/trainer ratio, since every residual is
+            zero at the target whatever distribution drew the samples (as long as it can draw every completion), so
+            the fixed point does not depend on the sampler. Off, TRL also skips the forward that computes the ratio.
+            PowerFlow never reads vLLM's log-probabilities: the policy and base terms, and the importance weight `w`,
+            come from the trained model.
+
+    Every other [`~trl.GRPOConfig`] field is used as GRPO uses it, ignored with a warning when set (GRPO's loss and
+    advantage knobs: `loss_type`, `scale_rewards`, `delta`, `importance_sampling_level`, ...), or refused with the
+    reason: `temperature` must be 1.0 (the residual needs untempered log-probabilities); `top_k`, `top_p`, `min_p`,
+    `vllm_structured_outputs_regex` and support-cutting or non-sampling `generation_kwargs` (greedy, beams, ...)
+    would keep the sampler from drawing completions the target can produce; `entropy_coef`, `use_adaptive_entropy`,
+    `top_entropy_quantile`, `sync_ref_model` and `neftune_noise_alpha` would change the fixed point;
+    `num_iterations` must be >= 1; and no number may be NaN. `repetition_penalty` (and vLLM's presence and frequency
+    penalties) changes only exploration: the sampler still draws every completion, so the target stays
+    `p_base^alpha` tilted on length, and the trained model is not penalised. The table is `GRPO_FIELDS` in
+    `trl_powerflow/grpo_fields.py`.
     """
 
     alpha: float = field(
@@ -178,6 +187,13 @@ class PowerFlowConfig(GRPOConfig):
         default=0.0,
         metadata={"help": "Unused: PowerFlow has no KL term. Kept so GRPO configurations load."},
     )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of `activation_checkpointing`. With neither set, activation checkpointing is on "
+            "(TRL's default)."
+        },
+    )
     vllm_importance_sampling_correction: bool = field(
         default=False,
         metadata={
@@ -187,6 +203,9 @@ class PowerFlowConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            # TRL's default (on), under transformers' new name: the old one warns that it is deprecated
+            self.activation_checkpointing = True
         super().__post_init__()
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(
@@ -196,32 +215,6 @@ class PowerFlowConfig(GRPOConfig):
         if not (isinstance(self.alpha_warmup_steps, int) and self.alpha_warmup_steps >= 0):
             raise ValueError(f"`alpha_warmup_steps` must be an integer >= 0, got {self.alpha_warmup_steps!r}.")
         self._check_entropy_target()
-        if self.temperature != 1.0:
-            raise ValueError(
-                f"`temperature` must be 1.0 for PowerFlow, got {self.temperature}: the TB residual needs untempered "
-                "log-probabilities, and TRL computes them at the sampling temperature. Sharpen with `alpha` instead "
-                "(alpha = 1/temperature is the sequence-level counterpart)."
-            )
-        if self.beta != 0.0:
-            warnings.warn(
-                f"`beta={self.beta}` is ignored: PowerFlow has no KL term (the base model enters through the target "
-                "p_base^alpha). Use `alpha` to control how far the model moves.",
-                UserWarning,
-                stacklevel=3,
-            )
-        if self.vllm_importance_sampling_correction:
-            warnings.warn(
-                "`vllm_importance_sampling_correction=True` is ignored: trajectory balance reaches the same target "
-                "whatever distribution drew the samples, so PowerFlow applies no vLLM importance-sampling ratio.",
-                UserWarning,
-                stacklevel=3,
-            )
-            self.vllm_importance_sampling_correction = False
-        if self.sync_ref_model:
-            raise ValueError(
-                "`sync_ref_model=True` would move the base model towards the policy, but the base model defines "
-                "PowerFlow's target p_base^alpha. Set `sync_ref_model=False`; for a stronger effect raise `alpha`."
-            )
         if self.log_z_estimator not in ("group", "learned"):
             raise ValueError(f"`log_z_estimator` must be 'group' or 'learned', got {self.log_z_estimator!r}.")
         if self.log_z_estimator == "group":
@@ -267,6 +260,9 @@ class PowerFlowConfig(GRPOConfig):
                 f"The importance weight is clipped to [1 - epsilon, 1 + epsilon_high]: need 0 <= epsilon < 1 and "
                 f"epsilon_high >= 0, got epsilon={self.epsilon}, epsilon_high={self.epsilon_high}."
             )
+        # Every GRPOConfig field: used as GRPO uses it, ignored with a warning, or refused (see `grpo_fields.py`)
+        check_grpo_fields(self)
+        self.vllm_importance_sampling_correction = False
 
     def _check_entropy_target(self):
         ratio, absolute = self.target_entropy_ratio, self.target_entropy

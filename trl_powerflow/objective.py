@@ -76,6 +76,14 @@ def powerflow_loss(
     point (every residual of a prompt equal); detaching does not change the gradient, since Σ_i w_i (r_i − r̄) = 0.
     Nothing is learned, so nothing lags. A sample alone in its group gets r = 0 and no gradient.
 
+    Numerics. The sums run in float32 at least (float64 inputs stay float64). With the group estimate, ψ is centred
+    per group (in float64) before it enters the target: the estimate absorbs any per-prompt constant exactly, so a
+    large reward shared by every sample changes neither loss nor gradient, where uncentred it would swamp the
+    policy's part of t_i in float32 (`log_z` is still reported for the uncentred ψ). With a given `log_z` (a learned head), ψ
+    enters as is: a constant c moves log Z'(x)'s target by α·c, which the head must learn (its first-batch start
+    absorbs it), and a very large |α·c| leaves float32 too few digits for the policy's part of the residual: keep
+    rewards of moderate size with a learned head.
+
     Args:
         policy_logps (`torch.Tensor` of shape `(B, T)`):
             Per-token log-probabilities of the completions under the policy π_θ (with gradients, untempered).
@@ -99,16 +107,29 @@ def powerflow_loss(
         groups (`torch.Tensor` of shape `(B,)`, *optional*):
             Integer label of each sample's prompt (equal labels, same prompt). Required when `log_z` is `None`.
     """
-    mask = mask.to(policy_logps.dtype)
+    if log_z is None and groups is None:
+        raise ValueError("`groups` is required to estimate log Z from each prompt's samples (log_z=None).")
+    dtype = torch.promote_types(policy_logps.dtype, torch.float32)  # half-precision sums lose the residual
+    mask = mask.to(dtype)
     lengths = mask.sum(-1)
     has_tokens = lengths > 0
     # Padding may hold anything (even -inf from the base model): zero it before summing.
-    policy_sum = torch.where(mask.bool(), policy_logps, 0.0).sum(-1)
-    base_sum = torch.where(mask.bool(), base_logps, 0.0).sum(-1)
+    policy_sum = torch.where(mask.bool(), policy_logps.to(dtype), 0.0).sum(-1)
+    base_sum = torch.where(mask.bool(), base_logps.to(dtype), 0.0).sum(-1)
     tokens = lengths.clamp(min=1.0)
     scale = tokens if length_normalization else torch.ones_like(lengths)
     policy_term, base_term = policy_sum / scale, base_sum / scale
-    psi = torch.zeros_like(policy_term) if psi is None else psi.to(policy_term.dtype)
+    psi_centre = torch.zeros_like(policy_term, dtype=torch.float64)
+    if psi is None:
+        psi = torch.zeros_like(policy_term)
+    elif log_z is None:
+        # The group estimate absorbs any per-prompt constant: centre ψ per group, so that a large common value does
+        # not cancel the policy's part of the target in float32
+        psi = psi.to(torch.float64)
+        psi_centre = group_mean(psi, (has_tokens & torch.isfinite(psi)).to(torch.float64), groups)
+        psi = (psi - psi_centre).to(dtype)
+    else:
+        psi = psi.to(dtype)
     # t: the log Z' that zeroes this sample's residual, r = log Z' − t
     target = alpha * (base_term + psi) - policy_term
 
@@ -122,21 +143,21 @@ def powerflow_loss(
 
     valid = has_tokens & torch.isfinite(target) & torch.isfinite(importance_weight)
     if log_z is None:
-        if groups is None:
-            raise ValueError("`groups` is required to estimate log Z from each prompt's samples (log_z=None).")
         log_z = group_mean(target.detach(), torch.where(valid, importance_weight, 0.0), groups)
     valid = valid & torch.isfinite(log_z)
     # `where` (not multiplication) so a non-finite residual sends no NaN gradient through masked rows
     residual = torch.where(valid, log_z - target, 0.0)
     importance_weight = torch.where(valid, importance_weight, 0.0)
     loss = importance_weight * residual.square()
+    # Reported for the uncentred ψ: the log Z'(x) of the target as written
+    reported_log_z = (log_z.detach().to(torch.float64) + alpha * psi_centre).to(dtype)
     return PowerFlowLossOutput(
         loss=loss,
         residual=residual,
         importance_weight=importance_weight,
         is_clipped=is_clipped & valid,
         valid=valid,
-        log_z=torch.where(valid, log_z.detach(), 0.0),
+        log_z=torch.where(valid, reported_log_z, 0.0),
         policy_logps=(policy_sum / tokens).detach(),
         base_logps=base_sum / tokens,
         lengths=lengths,

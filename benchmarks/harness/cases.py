@@ -96,7 +96,6 @@ def build_trainer(spec, args, path, tokenizer, dataset, root, device):
         seed=0,
         temperature=1.0,
         model_init_kwargs={"dtype": "bfloat16" if device == "cuda" else "float32"},
-        generation_kwargs={"min_new_tokens": args.max_completion_length} if args.force_length else None,
         dataloader_num_workers=0,
     )
     peft_config = None
@@ -113,6 +112,11 @@ def build_trainer(spec, args, path, tokenizer, dataset, root, device):
         trainer = TimedGRPOTrainer(path, reward_funcs=constant_reward, args=GRPOConfig(beta=beta, **common), **kwargs)
     else:
         raise ValueError(f"unknown trainer {spec!r}")
+    if args.force_length:
+        # Every completion at full length, so that both trainers do the same work. PowerFlow's configuration refuses
+        # `min_new_tokens` (it cuts the sampler's support): set on the trainer, for both alike
+        length = args.max_completion_length
+        trainer.generation_config.min_new_tokens = trainer.generation_kwargs["min_new_tokens"] = length
     trainer.remove_callback(PrinterCallback)  # the per-step log dicts would drown the report
     trainer.rec = StepRecorder()
     trainer.bench_name = name
