@@ -30,6 +30,10 @@ VLM_ERROR = (
 )
 
 
+class DataError(ValueError):
+    """A bad prompt or dataset, named by file (when known), split and row."""
+
+
 def _describe(value) -> str:
     text = repr(value)
     return f"{type(value).__name__} ({text if len(text) <= 40 else text[:39] + '…'})"
@@ -144,11 +148,11 @@ class _RowChecker:
     def check(self, prompt, row: int) -> None:
         problem = prompt_problem(prompt, self.conversational, self.allow_empty)
         if problem is not None:
-            raise ValueError(f"{_where(self.source, self.split, row)}: {problem}.")
+            raise DataError(f"{_where(self.source, self.split, row)}: {problem}.")
         if self.conversational is None:
             self.conversational = not isinstance(prompt, str)
             if self.conversational and self.tokenizer is not None and self.tokenizer.chat_template is None:
-                raise ValueError(
+                raise DataError(
                     f"The {self.split} prompts are conversational (lists of messages) but the tokenizer has no chat "
                     "template. Give the tokenizer a `chat_template`, or pass plain-text prompts."
                 )
@@ -167,7 +171,7 @@ class _RowChecker:
         too_long = np.flatnonzero(lengths > self.max_prompt_tokens)
         if too_long.size:
             row = first_row + int(too_long[0])
-            raise ValueError(
+            raise DataError(
                 f"{_where(self.source, self.split, row)}: the prompt is {lengths[too_long[0]]} tokens; "
                 f"{self.limit_reason}, at most {self.max_prompt_tokens} prompt tokens fit. Refused, not truncated (a "
                 "cut prompt asks another question): drop or shorten the long rows (`dataset.filter(...)`) or lower "
@@ -178,7 +182,7 @@ class _RowChecker:
         if "prompt" not in example:
             if self.allow_empty:  # an environment provides the prompt
                 return {}
-            raise ValueError(
+            raise DataError(
                 f"{_where(self.source, self.split, row)}: no 'prompt' (columns: {', '.join(example)}). Rename the "
                 "column that holds the prompts to 'prompt'."
             )
@@ -215,12 +219,12 @@ def check_prompts(
     if "prompt" not in dataset.column_names:
         if environment:
             return dataset
-        raise ValueError(
+        raise DataError(
             f"{where} has no 'prompt' column (columns: {', '.join(dataset.column_names)}). Rename the column that "
             "holds the prompts with `dataset.rename_column(..., 'prompt')`."
         )
     if len(dataset) == 0:
-        raise ValueError(f"{where} is empty: PowerFlow needs prompts to sample completions from.")
+        raise DataError(f"{where} is empty: PowerFlow needs prompts to sample completions from.")
 
     prompts = dataset.select_columns(["prompt"])
     first_row = 0

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from trl import ScriptArguments
 
 from ..prompt_sets import PROMPT_SETS
+from ..data_checks import check_prompts
 from .common import DATA_FILE_BUILDERS, CLIError, _looks_like_path
 
 
@@ -52,7 +53,7 @@ def load_prompts(script_args: PowerFlowScriptArguments, split: str):
         builder = DATA_FILE_BUILDERS.get(os.path.splitext(name)[1].lower())
         if builder is None:
             raise CLIError(f"Unsupported dataset file '{name}': use a .json, .jsonl, .csv or .parquet file.")
-        dataset = load_dataset(builder, data_files={split: name}, split=split, streaming=streaming)
+        dataset = _load_file(builder, name, split, streaming)
     elif os.path.isdir(name):
         saved = any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "dataset_info.json"))
         if saved:
@@ -90,4 +91,75 @@ def load_prompts(script_args: PowerFlowScriptArguments, split: str):
         if "prompt" in columns:
             dataset = dataset.remove_columns("prompt")
         dataset = dataset.rename_column(column, "prompt")
-    return dataset
+    try:
+        return check_prompts(dataset, split, source=name)
+    except ValueError as error:
+        raise CLIError(error) from None
+
+
+def _load_file(builder: str, path: str, split: str, streaming: bool):
+    """`load_dataset` on one local file, its failures turned into one line that names the file (and the line)."""
+    from datasets import load_dataset
+
+    if builder != "parquet":
+        _check_text_file(path)
+    try:
+        return load_dataset(builder, data_files={split: path}, split=split, streaming=streaming)
+    except Exception as error:  # the datasets builders wrap parse errors in their own, without the file or line
+        if builder == "json":
+            json_error = _json_error(path)
+            if json_error is not None:
+                raise CLIError(f"Dataset file '{path}', {json_error}") from None
+        cause = error
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise CLIError(f"Could not read dataset file '{path}' as {builder}: {reason}") from None
+
+
+def _check_text_file(path: str) -> None:
+    """Refuses a text file that is empty or not UTF-8 (the loaders' errors name neither the file nor the place)."""
+    import codecs
+
+    decoder, done, lines, blank = codecs.getincrementaldecoder("utf-8")(), 0, 1, True
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                blank = blank and not decoder.decode(chunk).strip()
+            except UnicodeDecodeError as error:
+                line = lines + chunk.count(b"\n", 0, error.start)
+                raise CLIError(
+                    f"Dataset file '{path}' is not UTF-8 text: line {line} (byte {done + error.start}) holds "
+                    f"{chunk[error.start : error.end]!r}. Re-save the file as UTF-8."
+                ) from None
+            done, lines = done + len(chunk), lines + chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise CLIError(f"Dataset file '{path}' is not UTF-8 text: it ends inside a character. Re-save it as UTF-8.")
+    if blank:
+        raise CLIError(f"Dataset file '{path}' is empty: write one prompt per row.")
+
+
+def _json_error(path: str) -> str | None:
+    """Where a JSON (one document) or JSON Lines file does not parse, or `None`."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):  # one document: a list of rows
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as error:
+            return f"line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})."
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"line {number}: not valid JSON ({error.msg}, column {error.colno}). Write one JSON object a line."
+        if not isinstance(row, dict):
+            return f"line {number}: a JSON {type(row).__name__}, not an object ({{\"prompt\": ...}}) as every row must be."
+    return None

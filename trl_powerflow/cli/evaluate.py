@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
-from .common import DEFAULT_MODEL, PROG, CLIError, _check_model_path
+from .common import DEFAULT_MODEL, PROG, CLIError, _check_model_path, check_numbers, check_output_file
 from .data import PowerFlowScriptArguments, load_prompts
 
 
@@ -68,10 +68,13 @@ def evaluate_command(args: EvaluateArguments) -> dict:
     from .._io import atomic_path
     from ..evaluation import evaluate_model, load_model_and_tokenizer
 
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        raise CLIError("--num_samples and --max_new_tokens must be at least 1.")
+    check_numbers(
+        args,
+        {"num_prompts": 1, "num_samples": 1, "max_new_tokens": 1, "temperature": 0, "batch_size": 1, "seed": 0},
+    )
+    check_output_file(args.output_file)  # before the evaluation, whose results would be lost with it
     dataset = load_prompts(args, args.dataset_test_split)
-    if args.num_prompts:
+    if args.num_prompts is not None:
         dataset = dataset.select(range(min(args.num_prompts, len(dataset))))
     answers = None
     for column in (args.answer_column, args.aliases_column):
