@@ -161,5 +161,5 @@ def _json_error(path: str) -> str | None:
         except json.JSONDecodeError as error:
             return f"line {number}: not valid JSON ({error.msg}, column {error.colno}). Write one JSON object a line."
         if not isinstance(row, dict):
-            return f"line {number}: a JSON {type(row).__name__}, where every row must be an object ({{\"prompt\": ...}})."
+            return f"line {number}: a JSON {type(row).__name__}; every row must be an object ({{\"prompt\": ...}})."
     return None
