@@ -288,6 +288,7 @@ BAD_FILES = [
      ": train dataset, row 1: message 0 has no 'role' (it has 'rol'"),
     ("blank_row.csv", b'prompt\np0\n""\n', ": train dataset, row 1: the prompt is missing (None)"),
     ("mixed.jsonl", b'{"prompt": "p0"}\n{"prompt": 5}\n', ": train dataset, row 1: the prompt is of type int (5)"),
+    ("quote.csv", b'prompt\n"p0\np1\n', "': Error tokenizing data. C error: EOF inside string"),
 ]  # fmt: skip
 
 
@@ -358,3 +359,46 @@ def test_evaluate_output_file_checked_first(
          "question", "--dataset_test_split", "train", "--output_file", str(output)],
     )  # fmt: skip
     assert f"--output_file '{output}' {expected}" in message
+
+
+def test_bad_dataset_directory_named(capsys, no_model_loads, tiny_model_dir, tmp_path):
+    argv = ["train", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(tmp_path)]
+    assert f"Dataset directory '{tmp_path}' holds no .json" in error_message(capsys, argv)
+    (tmp_path / "a.jsonl").write_text('{"prompt": "p0"}\n')
+    (tmp_path / "b.jsonl").write_text('{"prompt": "p0"}\n{"prompt": "p1"\n')
+    assert f"Dataset file '{tmp_path / 'b.jsonl'}', line 2: not valid JSON" in error_message(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [("--answer_column", None, "row 1: None (NoneType)"), ("--answer_column", 5, "row 1: 5 (int)"),
+     ("--aliases_column", [5], "row 1: [5] (list)")],
+)  # fmt: skip
+def test_evaluate_bad_answers_named_by_row(capsys, no_model_loads, tiny_model_dir, tmp_path, flag, value, expected):
+    column = "answer" if flag == "--answer_column" else "aliases"
+    rows = [{"prompt": "p0", "answer": "a", "aliases": ["b"]}, {"prompt": "p1", "answer": "a", "aliases": ["b"]}]
+    rows[1][column] = value
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["evaluate", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--dataset_test_split",
+            "train", "--answer_column", "answer", "--aliases_column", "aliases"]  # fmt: skip
+    message = error_message(capsys, argv)
+    assert f"{flag} '{column}', {expected}; each answer must be" in message
+
+
+def test_sample_refuses_an_empty_prompt(capsys, no_model_loads, tiny_model_dir):
+    message = error_message(capsys, ["sample", "--model_name_or_path", tiny_model_dir, "--prompt", "p0", " "])
+    assert message.endswith("--prompt number 2 is empty: give the text to complete.")
+
+
+def test_evaluate_a_streamed_dataset_takes_the_first_prompts(capsys, tiny_model_dir, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["p0", "p1", "p0"]))
+    output = tmp_path / "result.json"
+    main(
+        ["evaluate", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--dataset_test_split",
+         "train", "--dataset_streaming", "true", "--num_prompts", "2", "--num_samples", "1", "--max_new_tokens", "2",
+         "--output_file", str(output)]
+    )  # fmt: skip
+    assert len(json.loads(output.read_text())["samples"]) == 2
+    assert "on 2 prompts" in capsys.readouterr().out

@@ -3,6 +3,7 @@ datasets, local files and `save_to_disk` directories), also used by the benchmar
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
 
 from trl import ScriptArguments
 
@@ -53,13 +54,26 @@ def load_prompts(script_args: PowerFlowScriptArguments, split: str):
         builder = DATA_FILE_BUILDERS.get(os.path.splitext(name)[1].lower())
         if builder is None:
             raise CLIError(f"Unsupported dataset file '{name}': use a .json, .jsonl, .csv or .parquet file.")
-        dataset = _load_file(builder, name, split, streaming)
+        load = partial(load_dataset, builder, data_files={split: name}, split=split, streaming=streaming)
+        dataset = _load_local(name, [name], load)
     elif os.path.isdir(name):
         saved = any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "dataset_info.json"))
         if saved:
             dataset = load_from_disk(name)
         else:  # a folder of data files
-            dataset = load_dataset(name, name=script_args.dataset_config, streaming=streaming)
+            files = [
+                os.path.join(folder, file)
+                for folder, _, files in os.walk(name)
+                for file in sorted(files)
+                if os.path.splitext(file)[1].lower() in DATA_FILE_BUILDERS
+            ]
+            if not files:
+                raise CLIError(
+                    f"Dataset directory '{name}' holds no .json, .jsonl, .csv or .parquet file and was not written by "
+                    "`Dataset.save_to_disk`."
+                )
+            load = partial(load_dataset, name, name=script_args.dataset_config, streaming=streaming)
+            dataset = _load_local(name, files, load)
         if isinstance(dataset, DatasetDict):
             if split not in dataset:
                 raise CLIError(f"Dataset '{name}' has no split '{split}' (splits: {', '.join(dataset)}).")
@@ -97,24 +111,24 @@ def load_prompts(script_args: PowerFlowScriptArguments, split: str):
         raise CLIError(error) from None
 
 
-def _load_file(builder: str, path: str, split: str, streaming: bool):
-    """`load_dataset` on one local file, its failures turned into one line that names the file (and the line)."""
-    from datasets import load_dataset
-
-    if builder != "parquet":
-        _check_text_file(path)
+def _load_local(name: str, files: list[str], load):
+    """`load()` of the local dataset `name` made of `files`; its failures become one line that names the file and,
+    for JSON, the line (the datasets builders wrap parse errors in their own, without either)."""
+    for path in files:
+        if DATA_FILE_BUILDERS[os.path.splitext(path)[1].lower()] != "parquet":
+            _check_text_file(path)
     try:
-        return load_dataset(builder, data_files={split: path}, split=split, streaming=streaming)
-    except Exception as error:  # the datasets builders wrap parse errors in their own, without the file or line
-        if builder == "json":
-            json_error = _json_error(path)
+        return load()
+    except Exception as error:
+        for path in files:
+            json_error = _json_error(path) if DATA_FILE_BUILDERS[os.path.splitext(path)[1].lower()] == "json" else None
             if json_error is not None:
                 raise CLIError(f"Dataset file '{path}', {json_error}") from None
         cause = error
         while cause.__cause__ is not None or cause.__context__ is not None:
             cause = cause.__cause__ or cause.__context__
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise CLIError(f"Could not read dataset file '{path}' as {builder}: {reason}") from None
+        raise CLIError(f"Could not load dataset '{name}': {reason}") from None
 
 
 def _check_text_file(path: str) -> None:

@@ -41,6 +41,9 @@ def sample_command(args: SampleArguments) -> list[list[str]]:
 
     if not args.prompt:
         raise CLIError("Give at least one --prompt.")
+    for i, prompt in enumerate(args.prompt):
+        if not prompt.strip():
+            raise CLIError(f"--prompt number {i + 1} is empty: give the text to complete.")
     check_numbers(args, {"num_samples": 1, "max_new_tokens": 1, "temperature": 0, "seed": 0})
     name = args.model_name_or_path
     _check_model_path(name)
