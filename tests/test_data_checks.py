@@ -2,7 +2,8 @@
 
 import pytest
 from conftest import make_config, make_model, make_tokenizer
-from datasets import Dataset, Features, Json, load_dataset
+from datasets import Dataset, DatasetDict, Features, Json, load_dataset
+from tokenizers import normalizers
 
 from trl_powerflow import PowerFlowTrainer, data_checks
 from trl_powerflow.data_checks import DataError, check_inputs, check_prompts
@@ -35,6 +36,7 @@ BAD_PROMPTS = [
     ([user("p0"), ["p1"]], 1, "message 0 is of type str ('p1'), not a {role, content} dict"),
     ([user("p0"), user(5)], 1, "message 0 has content of type int (5); expected a string"),
     (["p0", 5], 1, "the prompt is of type int (5); expected a string or a list of {role, content} messages"),
+    ([user("p0"), {"role": "user", "content": "p1"}], 1, "the prompt is one message, not a list of messages: wrap it"),
     (["p0", user("p1")], 1, "the prompt is a list, but row 0's is a string: every prompt must have one format"),
     ([user("p0"), "p1"], 1, "the prompt is a string, but row 0's is a list of messages"),
 ]
@@ -157,3 +159,23 @@ def test_the_guard_catches_a_model_load(no_model_loads, tiny_model_dir, tmp_path
         PowerFlowTrainer(
             tiny_model_dir, args=make_config(tmp_path), train_dataset=dataset, processing_class=make_tokenizer()
         )
+
+
+@pytest.mark.parametrize(
+    "dataset, match",
+    [
+        (DatasetDict({"train": Dataset.from_dict({"prompt": ["p0"]})}), r"a DatasetDict \(splits: train\): pass one"),
+        ([{"prompt": "p0"}], "must be a `datasets.Dataset` or `IterableDataset`, got list: build one with"),
+    ],
+)
+def test_train_dataset_of_another_type_refused(tmp_path, tokenizer, dataset, match):
+    with pytest.raises(TypeError, match=match):
+        check_inputs(make_model(tokenizer), make_config(tmp_path), {"train_dataset": dataset})
+
+
+def test_a_prompt_of_no_tokens_refused():
+    tokenizer = make_tokenizer()
+    tokenizer.backend_tokenizer.normalizer = normalizers.Replace("x", "")  # "x" tokenizes to nothing
+    dataset = Dataset.from_dict({"prompt": ["p0", "x"]})
+    with pytest.raises(DataError, match=r"^train dataset, row 1: the prompt tokenizes to no tokens\.$"):
+        check_prompts(dataset, tokenizer=tokenizer, max_prompt_tokens=50)

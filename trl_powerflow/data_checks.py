@@ -16,7 +16,7 @@ from functools import partial
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import AutoConfig, ProcessorMixin
 
 
@@ -101,6 +101,8 @@ def prompt_problem(prompt, conversational: bool | None, allow_empty: bool = Fals
         return None
     if prompt is None:
         return "the prompt is missing (None)"
+    if isinstance(prompt, dict) and "role" in prompt:
+        return "the prompt is one message, not a list of messages: wrap it in a list"
     return f"the prompt is of type {_describe(prompt)}; expected a string or a list of {{role, content}} messages"
 
 
@@ -168,6 +170,10 @@ class _RowChecker:
         else:
             ids = self.tokenizer(text=prompts)["input_ids"]
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        no_tokens = np.flatnonzero(lengths == 0)
+        if no_tokens.size:
+            row = first_row + int(no_tokens[0])
+            raise DataError(f"{_where(self.source, self.split, row)}: the prompt tokenizes to no tokens.")
         too_long = np.flatnonzero(lengths > self.max_prompt_tokens)
         if too_long.size:
             row = first_row + int(too_long[0])
@@ -276,6 +282,17 @@ def check_inputs(model, args, kwargs: dict) -> dict:
     processing_class = kwargs.get("processing_class")
     if isinstance(processing_class, ProcessorMixin):
         raise ValueError(VLM_ERROR)
+    train_dataset = kwargs.get("train_dataset")
+    if isinstance(train_dataset, (DatasetDict, IterableDatasetDict)):
+        raise TypeError(
+            f"`train_dataset` is a {type(train_dataset).__name__} (splits: {', '.join(train_dataset)}): pass one "
+            "split, e.g. `dataset['train']`."
+        )
+    if train_dataset is not None and not isinstance(train_dataset, (Dataset, IterableDataset)):
+        raise TypeError(
+            f"`train_dataset` must be a `datasets.Dataset` or `IterableDataset`, got {type(train_dataset).__name__}: "
+            "build one with `Dataset.from_list(rows)` or `Dataset.from_dict({'prompt': prompts})`."
+        )
     environment = kwargs.get("environment_factory") is not None
     tokenizer, max_tokens, reason = processing_class, None, ""
     if tokenizer is not None and not environment:  # an environment's observation lengthens the prompt: unknown here
@@ -289,10 +306,11 @@ def check_inputs(model, args, kwargs: dict) -> dict:
         chat_template_kwargs=args.chat_template_kwargs if isinstance(args.chat_template_kwargs, dict) else None,
     )
     checked = dict(kwargs)
-    checked["train_dataset"] = check(kwargs.get("train_dataset"), "train")
+    checked["train_dataset"] = check(train_dataset, "train")
     eval_dataset = kwargs.get("eval_dataset")
     if isinstance(eval_dataset, dict):
-        checked["eval_dataset"] = {name: check(data, f"eval '{name}'") for name, data in eval_dataset.items()}
+        named = {name: check(data, f"eval '{name}'") for name, data in eval_dataset.items()}
+        checked["eval_dataset"] = type(eval_dataset)(named)  # a DatasetDict stays one
     else:
         checked["eval_dataset"] = check(eval_dataset, "eval")
     return checked
