@@ -163,13 +163,7 @@ class _RowChecker:
         """Tokenizes the prompts as TRL does and refuses any that leaves too few positions for the completion."""
         if self.max_prompt_tokens is None or not prompts:
             return
-        if self.conversational:
-            ids = self.tokenizer.apply_chat_template(
-                prompts, add_generation_prompt=True, tokenize=True, return_dict=False, **self.chat_template_kwargs
-            )
-        else:
-            ids = self.tokenizer(text=prompts)["input_ids"]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        lengths = self._token_counts(prompts)
         no_tokens = np.flatnonzero(lengths == 0)
         if no_tokens.size:
             row = first_row + int(no_tokens[0])
@@ -183,6 +177,36 @@ class _RowChecker:
                 "cut prompt asks another question): drop or shorten the long rows (`dataset.filter(...)`) or lower "
                 "max_completion_length."
             )
+
+    def _token_counts(self, prompts: list) -> np.ndarray:
+        """
+        The prompts' lengths in tokens as TRL tokenizes them (conversations through the chat template); for a prompt
+        that cannot exceed the budget, an upper bound instead.
+        """
+        tokenizer = self.tokenizer
+        if self.conversational:
+            texts = tokenizer.apply_chat_template(
+                prompts, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs
+            )
+            add_special_tokens = False  # the template writes them
+        else:
+            texts, add_special_tokens = prompts, True
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a tokenizer without the fast backend
+            ids = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+            return np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        to_count = np.arange(len(texts))
+        counts = np.zeros(len(texts), dtype=np.int64)
+        if backend.normalizer is None:
+            # Without a normalizer (which may lengthen a text) every token covers at least one byte of the text, but
+            # for a prefix space or marker and the special tokens added: a text that short needs no tokenizing
+            extra = 1 + (tokenizer.num_special_tokens_to_add() if add_special_tokens else 0)
+            counts = np.fromiter((len(text.encode()) + extra for text in texts), dtype=np.int64, count=len(texts))
+            to_count = np.flatnonzero(counts > self.max_prompt_tokens)
+        if to_count.size:
+            encodings = backend.encode_batch_fast([texts[i] for i in to_count], add_special_tokens=add_special_tokens)
+            counts[to_count] = [len(encoding.ids) for encoding in encodings]
+        return counts
 
     def __call__(self, example: dict, row: int) -> dict:  # `IterableDataset.map(..., with_indices=True)`
         if "prompt" not in example:
