@@ -15,11 +15,11 @@ from trl.trainer.utils import get_config_model_id, split_tensor_dict
 from .alpha import AlphaController
 from .callbacks import repeated_ngram_rate
 from .config import PowerFlowConfig
+from .data_checks import VLM_ERROR, check_inputs
 from .groups import prompt_groups, shuffle_groups
 from .log_z import LOG_Z_FILE, LogZ, LogZOptimizerCallback, captured_prompt_features, prompt_feature_size
 from .objective import group_mean, powerflow_loss
 from .prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
-from .data_checks import VLM_ERROR, check_inputs
 from .trl_seams import attribute_set_to, last_complete_checkpoint, no_reward, prepare_in_memory_base
 
 
