@@ -40,3 +40,14 @@ def make_config(output_dir, **overrides):
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fails the test if a model's weights are loaded: for checks that must come first."""
+    import transformers
+
+    def fail(cls, *args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(fail))

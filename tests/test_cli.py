@@ -272,3 +272,133 @@ def test_train_on_two_processes_through_accelerate_launch(tiny_model_dir, prompt
     # 8 prompts, a global batch of 2 processes × 4 samples = 2 prompts per step: a quarter epoch per step
     assert [log["epoch"] for log in state["log_history"] if "loss" in log] == [0.25, 0.5]
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+# Bad inputs stopped before anything loads, each named (the file and line or row, or the flag)
+
+BAD_FILES = [
+    ("empty.jsonl", b"", "is empty: write one prompt per row"),
+    ("blank.jsonl", b"\n  \n", "is empty: write one prompt per row"),
+    ("broken.jsonl", b'{"prompt": "p0"}\n{"prompt": "p1"\n', ", line 2: not valid JSON (Expecting ',' delimiter"),
+    ("broken.json", b'[{"prompt": "p0"},\n {"prompt": "p1" \n]', ", line 3, column 1: not valid JSON"),
+    ("latin1.jsonl", b'{"prompt": "p0"}\n{"prompt": "caf\xe9"}\n', "not UTF-8 text: line 2 (byte 32) holds b'\\xe9'"),
+    ("latin1.csv", b"prompt\ncaf\xe9\n", "is not UTF-8 text: line 2"),
+    ("scalars.jsonl", b'"p0"\n"p1"\n', ", line 1: a JSON str; every row must be an object"),
+    ("typo.jsonl", b'{"prompt": [{"role": "user", "content": "p0"}]}\n{"prompt": [{"rol": "user", "content": "p"}]}',
+     ": train dataset, row 1: message 0 has no 'role' (it has 'rol'"),
+    ("blank_row.csv", b'prompt\np0\n""\n', ": train dataset, row 1: the prompt is missing (None)"),
+    ("mixed.jsonl", b'{"prompt": "p0"}\n{"prompt": 5}\n', ": train dataset, row 1: the prompt is of type int (5)"),
+    ("quote.csv", b'prompt\n"p0\np1\n', "': Error tokenizing data. C error: EOF inside string"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("file_name, content, expected", BAD_FILES, ids=[case[0] for case in BAD_FILES])
+def test_bad_dataset_file_named_before_any_model_loads(
+    capsys, no_model_loads, tiny_model_dir, tmp_path, file_name, content, expected
+):
+    path = tmp_path / file_name
+    path.write_bytes(content)
+    message = error_message(capsys, ["train", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(path)])
+    assert str(path) in message and expected in message
+
+
+def test_train_refuses_a_lora_adapter(capsys, no_model_loads, prompts_file, tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base"}))
+    argv = ["train", "--model_name_or_path", str(tmp_path), "--dataset_name", prompts_file]
+    message = error_message(capsys, [*argv, "--prompt_column", "question"])
+    assert f"'{tmp_path}' is a LoRA adapter of 'org/base', not a model" in message
+    assert "Pass 'org/base'" in message and "merge_and_unload()" in message
+
+
+BAD_NUMBERS = [
+    (["sample", "--prompt", "p0", "--num_samples", "0"], "--num_samples must be at least 1, got 0."),
+    (["sample", "--prompt", "p0", "--max_new_tokens", "0"], "--max_new_tokens must be at least 1, got 0."),
+    (["sample", "--prompt", "p0", "--temperature", "-0.5"], "--temperature must be at least 0, got -0.5."),
+    (["sample", "--prompt", "p0", "--seed", "-1"], "--seed must be at least 0, got -1."),
+    (["evaluate", "--num_prompts", "0"], "--num_prompts must be at least 1, got 0."),
+    (["evaluate", "--num_prompts", "-1"], "--num_prompts must be at least 1, got -1."),
+    (["evaluate", "--batch_size", "0"], "--batch_size must be at least 1, got 0."),
+    (["evaluate", "--num_samples", "0"], "--num_samples must be at least 1, got 0."),
+    (["evaluate", "--temperature", "nan"], "--temperature must be a number at least 0, got nan."),
+    (["demo", "--alpha", "-1"], "--alpha must be greater than 0, got -1."),
+    (["demo", "--learning_rate", "nan"], "--learning_rate must be a number greater than 0, got nan."),
+    (["demo", "--max_steps", "0"], "--max_steps must be at least 1, got 0."),
+    (["demo", "--eval_samples", "0"], "--eval_samples must be at least 1, got 0."),
+    (["demo", "--num_eval_prompts", "0"], "--num_eval_prompts must be at least 1, got 0."),
+    (["demo", "--num_threads", "0"], "--num_threads must be at least 1, got 0."),
+    (["demo", "--num_generations", "1"], "at least 2 generations per prompt"),  # the training config's own check
+]
+
+
+@pytest.mark.parametrize("argv, expected", BAD_NUMBERS, ids=[" ".join(case[0]) for case in BAD_NUMBERS])
+def test_bad_number_named_before_anything_loads(
+    capsys, monkeypatch, no_model_loads, tiny_model_dir, prompts_file, argv, expected
+):
+    from trl_powerflow import demo
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was resolved before the arguments were checked")
+
+    monkeypatch.setattr(demo, "resolve_model_name_or_path", fail)
+    if argv[0] != "demo":
+        argv = [*argv, "--model_name_or_path", tiny_model_dir]
+    if argv[0] == "evaluate":
+        argv = [*argv, "--dataset_name", prompts_file, "--prompt_column", "question", "--dataset_test_split", "train"]
+    assert expected in error_message(capsys, argv)
+
+
+@pytest.mark.parametrize("where, expected", [("directory", "is a directory"), ("under_a_file", "cannot be written")])
+def test_evaluate_output_file_checked_first(
+    capsys, no_model_loads, tiny_model_dir, prompts_file, tmp_path, where, expected
+):
+    (tmp_path / "file").write_text("")
+    output = tmp_path if where == "directory" else tmp_path / "file" / "result.json"
+    message = error_message(
+        capsys,
+        ["evaluate", "--model_name_or_path", tiny_model_dir, "--dataset_name", prompts_file, "--prompt_column",
+         "question", "--dataset_test_split", "train", "--output_file", str(output)],
+    )  # fmt: skip
+    assert f"--output_file '{output}' {expected}" in message
+
+
+def test_bad_dataset_directory_named(capsys, no_model_loads, tiny_model_dir, tmp_path):
+    argv = ["train", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(tmp_path)]
+    assert f"Dataset directory '{tmp_path}' holds no .json" in error_message(capsys, argv)
+    (tmp_path / "a.jsonl").write_text('{"prompt": "p0"}\n')
+    (tmp_path / "b.jsonl").write_text('{"prompt": "p0"}\n{"prompt": "p1"\n')
+    assert f"Dataset file '{tmp_path / 'b.jsonl'}', line 2: not valid JSON" in error_message(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [("--answer_column", None, "row 1: None (NoneType)"), ("--answer_column", 5, "row 1: 5 (int)"),
+     ("--aliases_column", [5], "row 1: [5] (list)")],
+)  # fmt: skip
+def test_evaluate_bad_answers_named_by_row(capsys, no_model_loads, tiny_model_dir, tmp_path, flag, value, expected):
+    column = "answer" if flag == "--answer_column" else "aliases"
+    rows = [{"prompt": "p0", "answer": "a", "aliases": ["b"]}, {"prompt": "p1", "answer": "a", "aliases": ["b"]}]
+    rows[1][column] = value
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["evaluate", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--dataset_test_split",
+            "train", "--answer_column", "answer", "--aliases_column", "aliases"]  # fmt: skip
+    message = error_message(capsys, argv)
+    assert f"{flag} '{column}', {expected}; each answer must be" in message
+
+
+def test_sample_refuses_an_empty_prompt(capsys, no_model_loads, tiny_model_dir):
+    message = error_message(capsys, ["sample", "--model_name_or_path", tiny_model_dir, "--prompt", "p0", " "])
+    assert message.endswith("--prompt number 2 is empty: give the text to complete.")
+
+
+def test_evaluate_a_streamed_dataset_takes_the_first_prompts(capsys, tiny_model_dir, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["p0", "p1", "p0"]))
+    output = tmp_path / "result.json"
+    main(
+        ["evaluate", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--dataset_test_split",
+         "train", "--dataset_streaming", "true", "--num_prompts", "2", "--num_samples", "1", "--max_new_tokens", "2",
+         "--output_file", str(output)]
+    )  # fmt: skip
+    assert len(json.loads(output.read_text())["samples"]) == 2
+    assert "on 2 prompts" in capsys.readouterr().out

@@ -118,14 +118,65 @@ def format_report(dataset, before: dict, after: dict, args: DemoArguments, num_e
     return "\n".join(lines)
 
 
-def run_demo(args: DemoArguments) -> dict:
-    """Runs the demo end to end and prints the report; returns the numbers (for tests and notebooks)."""
+# The lower bound of each of the demo's numbers (checked by the `demo` command before anything loads); those in
+# `DEMO_POSITIVE` must be above it
+DEMO_MINIMUMS = {
+    "alpha": 0,
+    "max_steps": 1,
+    "prompts_per_step": 1,
+    "num_generations": 1,
+    "max_completion_length": 1,
+    "learning_rate": 0,
+    "lora_r": 1,
+    "lora_alpha": 0,
+    "num_train_prompts": 1,
+    "num_eval_prompts": 1,
+    "eval_samples": 1,
+    "eval_temperature": 0,
+    "num_examples": 0,
+    "logging_steps": 1,
+    "seed": 0,
+    "num_threads": 1,
+}
+DEMO_POSITIVE = ("alpha", "learning_rate", "lora_alpha")
+
+
+def training_config(args: DemoArguments):
+    """The demo's `PowerFlowConfig` and LoRA configuration; a bad value fails here, before anything loads."""
     from peft import LoraConfig
 
-    from . import PowerFlowConfig, PowerFlowTrainer
+    from . import PowerFlowConfig
 
-    start = time.perf_counter()
     on_cpu = not torch.cuda.is_available()
+    config = PowerFlowConfig(
+        output_dir=args.output_dir,
+        alpha=args.alpha,
+        learning_rate=args.learning_rate,
+        log_z_estimator=args.log_z_estimator,
+        per_device_train_batch_size=args.prompts_per_step * args.num_generations,
+        num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length,
+        max_steps=args.max_steps,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        gradient_checkpointing=False,  # a small model: recomputing activations only costs time
+        use_cpu=on_cpu,
+        bf16=False if on_cpu else None,
+        report_to="none",
+        seed=args.seed,
+    )
+    peft_config = LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    return config, peft_config
+
+
+def run_demo(args: DemoArguments) -> dict:
+    """Runs the demo end to end and prints the report; returns the numbers (for tests and notebooks)."""
+    from . import PowerFlowTrainer
+
+    config, peft_config = training_config(args)  # first: a bad value fails before minutes of evaluation
+    start = time.perf_counter()
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
 
@@ -150,26 +201,6 @@ def run_demo(args: DemoArguments) -> dict:
         f"[3/4] Training PowerFlow (alpha={args.alpha:g}, LoRA r={args.lora_r}) for {args.max_steps} steps on "
         f"{len(train_dataset)} unlabeled questions, {args.prompts_per_step} prompts x {args.num_generations} samples "
         "per step"
-    )
-    config = PowerFlowConfig(
-        output_dir=args.output_dir,
-        alpha=args.alpha,
-        learning_rate=args.learning_rate,
-        log_z_estimator=args.log_z_estimator,
-        per_device_train_batch_size=args.prompts_per_step * args.num_generations,
-        num_generations=args.num_generations,
-        max_completion_length=args.max_completion_length,
-        max_steps=args.max_steps,
-        logging_steps=args.logging_steps,
-        save_strategy="no",
-        gradient_checkpointing=False,  # a small model: recomputing activations only costs time
-        use_cpu=on_cpu,
-        bf16=False if on_cpu else None,
-        report_to="none",
-        seed=args.seed,
-    )
-    peft_config = LoraConfig(
-        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
     )
     trainer = PowerFlowTrainer(
         model=model_path,

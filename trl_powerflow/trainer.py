@@ -16,18 +16,12 @@ from .alpha import AlphaController
 from .callbacks import repeated_ngram_rate
 from .compat import check_bitsandbytes
 from .config import PowerFlowConfig
+from .data_checks import VLM_ERROR, check_inputs
 from .groups import prompt_groups, shuffle_groups
 from .log_z import LOG_Z_FILE, LogZ, LogZOptimizerCallback, captured_prompt_features, prompt_feature_size
 from .objective import group_mean, powerflow_loss
 from .prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
-from .trl_seams import (
-    VLM_ERROR,
-    attribute_set_to,
-    check_inputs,
-    last_complete_checkpoint,
-    no_reward,
-    prepare_in_memory_base,
-)
+from .trl_seams import attribute_set_to, last_complete_checkpoint, no_reward, prepare_in_memory_base
 
 
 logger = logging.get_logger(__name__)
@@ -97,7 +91,7 @@ class PowerFlowTrainer(GRPOTrainer):
                 f"`args` must be a `PowerFlowConfig`, got `{type(args).__name__}`. Replace `GRPOConfig(...)` by "
                 "`PowerFlowConfig(...)`: it accepts every GRPOConfig argument."
             )
-        check_inputs(kwargs.get("train_dataset"), kwargs.get("processing_class"))
+        kwargs = check_inputs(model, args, kwargs)  # every prompt, before any model loads
         if isinstance(model, str):  # TRL loads it: refuse 4-bit/8-bit without bitsandbytes before it starts
             init_config = (args.model_init_kwargs or {}).get("quantization_config")
             check_bitsandbytes("`quantization_config`", kwargs.get("quantization_config"), init_config)

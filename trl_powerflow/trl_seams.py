@@ -10,19 +10,14 @@ TRL code each relies on.
 - `prepare_in_memory_base`: TRL reloads a full fine-tuning reference from `config._name_or_path`, which a model passed
   as an object may lack or no longer match; a frozen copy of the object serves instead.
 - `last_complete_checkpoint`: Trainer resumes from the highest-numbered checkpoint, even one a crash left half-written.
-- `check_inputs`: GRPO rejects a dataset without prompts only at the first step, after loading the model, and
-  accepts a vision-language processor whose images the policy pass would drop.
 """
 
 import contextlib
 import os
 import re
 
-from datasets import Dataset
-from transformers import ProcessorMixin
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import logging
-from trl.data_utils import is_conversational
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
@@ -78,30 +73,3 @@ def last_complete_checkpoint(output_dir: str, with_log_z: bool = True) -> str | 
             return checkpoint
         logger.warning(f"Skipping {checkpoint}: its save did not finish.")
     return None
-
-
-VLM_ERROR = (
-    "PowerFlowTrainer does not support vision-language models yet: its policy pass would score the completions "
-    "without the images the base model saw. Use a text-only model and its tokenizer."
-)
-
-
-def check_inputs(dataset, processing_class):
-    """Fail before any model is loaded on inputs GRPO would only reject at the first step (or not at all)."""
-    if isinstance(processing_class, ProcessorMixin):
-        raise ValueError(VLM_ERROR)
-    if not isinstance(dataset, Dataset):
-        return
-    if "prompt" not in dataset.column_names:
-        raise ValueError(
-            f"The training dataset has no 'prompt' column (columns: {dataset.column_names}). Rename the column that "
-            "holds the prompts with `dataset.rename_column(..., 'prompt')`."
-        )
-    if len(dataset) == 0:
-        raise ValueError("The training dataset is empty: PowerFlow needs prompts to sample completions from.")
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    if tokenizer is not None and is_conversational(dataset[0]) and getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            "The prompts are conversational (lists of messages) but the tokenizer has no chat template. Give the "
-            "tokenizer a `chat_template`, or pass plain-text prompts."
-        )

@@ -18,7 +18,7 @@ import warnings
 from trl import TrlParser
 
 from ..demo import DemoArguments
-from .common import PROG, CLIError, _parse
+from .common import PROG, CLIError, _parse, check_numbers
 from .data import PowerFlowScriptArguments, load_prompts
 from .evaluate import EvaluateArguments, evaluate_command, make_evaluate_parser
 from .launch import parse_or_launch
@@ -101,9 +101,14 @@ def main(argv: list[str] | None = None):
         (args,) = _parse(make_evaluate_parser(), argv)
         evaluate_command(args)
     elif command == "demo":
-        from ..demo import run_demo
+        from ..demo import DEMO_MINIMUMS, DEMO_POSITIVE, run_demo, training_config
 
         (args,) = _parse(make_demo_parser(), argv)
+        check_numbers(args, DEMO_MINIMUMS, above=DEMO_POSITIVE)
+        try:
+            training_config(args)
+        except ValueError as error:
+            raise CLIError(error) from None
         run_demo(args)
     else:
         # --num_processes, --accelerate_config, ...: through `accelerate launch`, as `trl grpo`

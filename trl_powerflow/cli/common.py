@@ -1,6 +1,8 @@
 """What every subcommand shares: the program name, one-line user errors, argument parsing."""
 
+import math
 import os
+import tempfile
 
 from trl import TrlParser
 
@@ -32,6 +34,37 @@ def _looks_like_path(name: str) -> bool:
 def _check_model_path(name: str) -> None:
     if _looks_like_path(name) and not os.path.exists(name):
         raise CLIError(f"Model '{name}' not found: no such directory.")
+
+
+def check_numbers(args, minimums: dict[str, float], above: tuple[str, ...] = ()) -> None:
+    """
+    Each argument named in `minimums` is a finite number at least its minimum (greater than it, for the names in
+    `above`), or unset (`None`). Run before anything loads: a bad size would otherwise fail, or be ignored, only
+    after minutes of loading and sampling.
+    """
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < minimum or (name in above and value == minimum):
+            bound = f"greater than {minimum:g}" if name in above else f"at least {minimum:g}"
+            finite = "" if math.isfinite(value) else "a number "
+            raise CLIError(f"--{name} must be {finite}{bound}, got {value:g}.")
+
+
+def check_output_file(path: str | None, flag: str = "--output_file") -> None:
+    """`path` can be written: not a directory, in a directory that exists (or can be made) and is writable."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} '{path}' is a directory: give a file name, e.g. {os.path.join(path, 'result.json')}.")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise CLIError(f"{flag} '{path}' cannot be written: {error.strerror or error} ({folder}).") from None
 
 
 def _parse(parser: TrlParser, argv: list[str]):

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
-from .common import DEFAULT_MODEL, PROG, CLIError, _check_model_path
+from .common import DEFAULT_MODEL, PROG, CLIError, _check_model_path, check_numbers, check_output_file
 from .data import PowerFlowScriptArguments, load_prompts
 
 
@@ -62,16 +62,39 @@ def make_evaluate_parser() -> TrlParser:
     )
 
 
+def _answers(dataset, column: str, flag: str, missing_ok: bool = False) -> list[list[str]]:
+    """The accepted answers of each row: a string or a list of strings (a missing value only where `missing_ok`)."""
+    answers = []
+    for row, value in enumerate(dataset[column]):
+        if value is None and missing_ok:
+            value = []
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values) or not (values or missing_ok):
+            raise CLIError(
+                f"{flag} '{column}', row {row}: {value!r} ({type(value).__name__}); each answer must be a string or a "
+                "non-empty list of strings. Write numbers as strings (\"42\")."
+            )
+        answers.append(values)
+    return answers
+
+
 def evaluate_command(args: EvaluateArguments) -> dict:
     import json
+
+    from datasets import Dataset, IterableDataset
 
     from .._io import atomic_path
     from ..evaluation import evaluate_model, load_model_and_tokenizer
 
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        raise CLIError("--num_samples and --max_new_tokens must be at least 1.")
+    check_numbers(
+        args,
+        {"num_prompts": 1, "num_samples": 1, "max_new_tokens": 1, "temperature": 0, "batch_size": 1, "seed": 0},
+    )
+    check_output_file(args.output_file)  # before the evaluation, whose results would be lost with it
     dataset = load_prompts(args, args.dataset_test_split)
-    if args.num_prompts:
+    if isinstance(dataset, IterableDataset):  # --dataset_streaming: the first --num_prompts rows (or all), in memory
+        dataset = Dataset.from_list(list(dataset if args.num_prompts is None else dataset.take(args.num_prompts)))
+    elif args.num_prompts is not None:
         dataset = dataset.select(range(min(args.num_prompts, len(dataset))))
     answers = None
     for column in (args.answer_column, args.aliases_column):
@@ -82,9 +105,10 @@ def evaluate_command(args: EvaluateArguments) -> dict:
     if args.aliases_column is not None and args.answer_column is None:
         raise CLIError("--aliases_column needs --answer_column.")
     if args.answer_column is not None:
-        answers = [[a] if isinstance(a, str) else list(a) for a in dataset[args.answer_column]]
+        answers = _answers(dataset, args.answer_column, "--answer_column")
         if args.aliases_column is not None:
-            answers = [a + list(more or []) for a, more in zip(answers, dataset[args.aliases_column], strict=True)]
+            aliases = _answers(dataset, args.aliases_column, "--aliases_column", missing_ok=True)
+            answers = [a + more for a, more in zip(answers, aliases, strict=True)]
     name = args.model_name_or_path
     _check_model_path(name)
     try:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
-from .common import DEFAULT_MODEL, PROG, CLIError, _check_model_path, has_accelerator
+from .common import DEFAULT_MODEL, PROG, CLIError, _check_model_path, check_numbers, has_accelerator
 
 
 @dataclass
@@ -41,6 +41,10 @@ def sample_command(args: SampleArguments) -> list[list[str]]:
 
     if not args.prompt:
         raise CLIError("Give at least one --prompt.")
+    for i, prompt in enumerate(args.prompt):
+        if not prompt.strip():
+            raise CLIError(f"--prompt number {i + 1} is empty: give the text to complete.")
+    check_numbers(args, {"num_samples": 1, "max_new_tokens": 1, "temperature": 0, "seed": 0})
     name = args.model_name_or_path
     _check_model_path(name)
     if not has_accelerator() and "OMP_NUM_THREADS" not in os.environ and len(args.prompt) * args.num_samples <= 16:

@@ -7,6 +7,7 @@ import time
 from trl import ModelConfig, TrlParser
 
 from ..config import PowerFlowConfig
+from ..data_checks import DataError
 from ..models import EMBEDDED_MODELS
 from ..prompt_sets import PROMPT_SETS
 from .common import DEFAULT_MODEL, PROG, CLIError, _check_model_path, has_accelerator
@@ -44,6 +45,28 @@ def make_train_parser() -> TrlParser:
     return parser
 
 
+def _refuse_adapter(name: str) -> None:
+    """
+    `train` starts from a model. A LoRA adapter is refused rather than trained on: its base model (without the adapter)
+    would be the target's p_base, which is the adapter's own starting point, not the adapted model the user meant.
+    """
+    import json
+
+    from ..sampling import ADAPTER_CONFIG_FILE, is_adapter_dir
+
+    if not is_adapter_dir(name):
+        return
+    with open(os.path.join(name, ADAPTER_CONFIG_FILE)) as f:
+        base = json.load(f).get("base_model_name_or_path") or "its base model"
+    raise CLIError(
+        f"'{name}' is a LoRA adapter of '{base}', not a model: `train` starts from a model. Pass '{base}' to train "
+        "from the base model; to train from the adapted one, merge the adapter into it first "
+        f"(`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{base}'), '{name}').merge_and_unload()"
+        ".save_pretrained(DIR)`, and save the tokenizer there) and pass DIR; to continue the run that wrote it, "
+        "resume it (--resume_from_checkpoint)."
+    )
+
+
 def _kbit_device_map():
     """The device map of a quantized model: each process's whole model on its own GPU (CPU: none)."""
     import torch
@@ -73,6 +96,7 @@ def train(script_args: PowerFlowScriptArguments, training_args: PowerFlowConfig,
 
     name = model_args.model_name_or_path
     _check_model_path(name)
+    _refuse_adapter(name)
     try:
         model_id = resolve_model_name_or_path(name)
     except (ModuleNotFoundError, FileNotFoundError) as error:
@@ -114,7 +138,10 @@ def train(script_args: PowerFlowScriptArguments, training_args: PowerFlowConfig,
     except ValueError as error:  # configuration and data errors found before training starts
         raise CLIError(error) from None
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except DataError as error:  # a bad row of a streaming dataset, met as it came
+        raise CLIError(error) from None
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
