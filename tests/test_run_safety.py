@@ -1,0 +1,135 @@
+"""A run is never lost or overwritten: one owner per output directory, resume of the right run only and exactly where it
+stopped, save errors that name the directory, launched processes that die with their launcher, one conversion of the
+embedded model at a time."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from test_reliability import _assert_same_state, _StopAt, _trainer
+
+from trl_powerflow.run_guard import LOCK_FILE, OutputDirInUseError, ResumeRefusedError, output_dir_lock
+
+
+def _hold_lock_in_another_process(directory):
+    """A process that takes the lock of `directory` and keeps it until killed (its pid once it holds it)."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from trl_powerflow.run_guard import output_dir_lock
+        with output_dir_lock({str(directory)!r}):
+            print("held", flush=True)
+            time.sleep(120)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_second_run_into_a_locked_output_dir_is_refused_naming_the_owner(tmp_path, tokenizer):
+    owner = _hold_lock_in_another_process(tmp_path)
+    try:
+        trainer = _trainer(tmp_path, tokenizer, max_steps=1)
+        with pytest.raises(OutputDirInUseError, match=rf"{tmp_path} is in use by another run \(pid {owner.pid} on"):
+            trainer.train()
+        assert trainer.state.global_step == 0
+    finally:
+        owner.kill()
+        owner.wait()
+    # The killed owner's lock is stale: the next run takes it over, and releases it at its end
+    trainer = _trainer(tmp_path, tokenizer, max_steps=1)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, caplog):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": "here", "started": "then"}))
+    with output_dir_lock(tmp_path):
+        owner = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert owner["pid"] == os.getpid()
+    assert f"Taking over the stale lock of {tmp_path}: its owner (pid {int(dead.stdout)} on here" in caplog.text
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_the_lock_is_released_when_the_run_fails(tmp_path):
+    with pytest.raises(KeyboardInterrupt), output_dir_lock(tmp_path):
+        raise KeyboardInterrupt
+    with output_dir_lock(tmp_path):  # free again
+        assert (tmp_path / LOCK_FILE).exists()
+
+
+def test_resuming_another_runs_checkpoint_is_refused_naming_the_fields(tmp_path, tokenizer, caplog):
+    config = dict(save_strategy="steps", save_steps=1)
+    _trainer(tmp_path, tokenizer, max_steps=1, alpha=4.0, **config).train()
+    identity = json.loads((tmp_path / "checkpoint-1" / "powerflow_run.json").read_text())
+    assert identity["alpha"] == 4.0 and identity["num_generations"] == 8 and identity["train_dataset"]
+
+    other = _trainer(tmp_path, tokenizer, max_steps=2, alpha=0.5, seed=1, **config)
+    with pytest.raises(ResumeRefusedError, match=r"other settings: alpha 4.0 -> 0.5, seed 0 -> 1\. .*resume_ignore"):
+        other.train(resume_from_checkpoint=True)
+    assert other.state.global_step == 0
+
+    forced = _trainer(tmp_path, tokenizer, max_steps=2, alpha=0.5, seed=1, resume_ignore_mismatch=True, **config)
+    forced.train(resume_from_checkpoint=True)
+    assert forced.state.global_step == 2
+    assert "alpha 4.0 -> 0.5, seed 0 -> 1. Resuming anyway" in caplog.text
+
+
+@pytest.mark.parametrize("batching", [dict(steps_per_generation=2), dict(num_iterations=2)])
+def test_resume_inside_a_generation_batch_continues_exactly(tmp_path, tokenizer, batching):
+    config = dict(max_steps=4, **batching)
+    full = _trainer(tmp_path / "full", tokenizer, **config)
+    full.train()
+    saving = dict(save_strategy="steps", save_steps=1)
+    _trainer(tmp_path / "run", tokenizer, callbacks=[_StopAt(3)], **saving, **config).train()
+    assert (tmp_path / "run" / "checkpoint-3" / "generation_batch_rank0.pt").is_file()  # step 3 of a batch of 2
+    assert not (tmp_path / "run" / "checkpoint-2" / "generation_batch_rank0.pt").exists()  # a boundary
+    resumed = _trainer(tmp_path / "run", tokenizer, **saving, **config)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    assert resumed.state.global_step == 4
+    _assert_same_state(full, resumed)
+    losses = {log["step"]: log["loss"] for log in full.state.log_history if "loss" in log}
+    assert [log["loss"] for log in resumed.state.log_history if "loss" in log][-1] == pytest.approx(losses[4], abs=1e-6)
+
+
+def test_resuming_a_finished_run_takes_no_step_and_loads_its_model(tmp_path, tokenizer, caplog):
+    config = dict(max_steps=2, save_strategy="steps", save_steps=1)
+    finished = _trainer(tmp_path, tokenizer, **config)
+    finished.train()
+    resumed = _trainer(tmp_path, tokenizer, **config)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 2
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "checkpoint-1", "checkpoint-2"]
+    assert "checkpoint-2 is already at step 2 of max_steps=2: nothing to train" in caplog.text
+    _assert_same_state(finished, resumed)
+
+
+def test_a_truncated_trainer_state_is_skipped(tmp_path, tokenizer, caplog):
+    config = dict(max_steps=2, save_strategy="steps", save_steps=1)
+    _trainer(tmp_path, tokenizer, **config).train()
+    state = tmp_path / "checkpoint-2" / "trainer_state.json"
+    state.write_text(state.read_text()[:100])  # cut short by a full disk or a power loss
+    resumed = _trainer(tmp_path, tokenizer, **config)
+    resumed.train(resume_from_checkpoint=True)
+    assert "Skipping" in caplog.text and "checkpoint-2: its save did not finish" in caplog.text
+    assert [log["step"] for log in resumed.state.log_history if "loss" in log] == [1, 2]  # trained from checkpoint-1
+
+
+@pytest.mark.parametrize("code, cause", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "the file system is read-only")])
+def test_a_failed_checkpoint_save_names_the_directory_and_the_cause(tmp_path, tokenizer, monkeypatch, code, cause):
+    import transformers
+
+    def full_disk(self, output_dir):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(transformers.Trainer, "_save_rng_state", full_disk)
+    trainer = _trainer(tmp_path, tokenizer, max_steps=1, save_strategy="steps", save_steps=1)
+    with pytest.raises(OSError, match=rf"Could not save {tmp_path / 'checkpoint-1'}: {cause}") as raised:
+        trainer.train()
+    assert raised.value.errno == code
+    assert not (tmp_path / LOCK_FILE).exists()
