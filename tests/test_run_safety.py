@@ -133,3 +133,58 @@ def test_a_failed_checkpoint_save_names_the_directory_and_the_cause(tmp_path, to
         trainer.train()
     assert raised.value.errno == code
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_the_embedded_model_is_converted_once_and_a_finished_conversion_is_never_removed(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from trl_powerflow import models
+
+    conversions, seen_finished, seen_missing_after = [], threading.Event(), threading.Event()
+
+    def slow_fake_conversion(name, gguf_path, directory):
+        conversions.append(directory)
+        time.sleep(1.0)
+        (directory / "config.json").write_text("{}")
+        (directory / models.MARKER_FILE).write_text("{}")
+
+    monkeypatch.setattr(models, "embedded_gguf_path", lambda name: tmp_path / "model.gguf")
+    monkeypatch.setattr(models, "_write_conversion", slow_fake_conversion)
+    target = models.embedded_model_cache_dir("smollm2-135m", tmp_path / "cache")
+    done = threading.Event()
+
+    def watch():  # once finished, the target must stay finished (another process may be loading it)
+        while True:
+            if models.is_converted(target):
+                seen_finished.set()
+            elif seen_finished.is_set():
+                seen_missing_after.set()
+            if done.is_set():
+                return
+            time.sleep(0.005)
+
+    results = []
+    convert = lambda: results.append(models.convert_embedded_model("smollm2-135m", tmp_path / "cache"))  # noqa: E731
+    threads = [threading.Thread(target=watch)] + [threading.Thread(target=convert) for _ in range(3)]
+    threads[0].start()
+    for thread in threads[1:]:
+        thread.start()
+        time.sleep(0.1)
+    for thread in threads[1:]:
+        thread.join()
+    done.set()
+    threads[0].join()
+    assert len(conversions) == 1 and results == [str(target)] * 3
+    assert seen_finished.is_set() and not seen_missing_after.is_set()
+    assert sorted(path.name for path in target.parent.iterdir()) == ["smollm2-135m"]  # no lock or temporary left
+
+
+def test_an_unwritable_model_cache_is_named_before_converting(tmp_path, monkeypatch):
+    from trl_powerflow import models
+
+    monkeypatch.setattr(models, "embedded_gguf_path", lambda name: tmp_path / "model.gguf")
+    monkeypatch.setattr(models, "_write_conversion", lambda *args: pytest.fail("converted into an unwritable cache"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PermissionError, match=rf"Cannot create the model cache {tmp_path / 'file'}.*TRL_POWERFLOW_CACHE"):
+        models.convert_embedded_model("smollm2-135m", tmp_path / "file")

@@ -66,7 +66,7 @@ IDENTITY_FIELDS = (
     "reward_weights",
 )
 
-_held_locks: dict[str, int | None] = {}  # real path of a directory -> its lock's descriptor (main process) or None
+_held_locks: dict[str, None] = {}  # the real paths of the output directories this process holds
 
 
 class OutputDirInUseError(RuntimeError):
@@ -75,6 +75,10 @@ class OutputDirInUseError(RuntimeError):
 
 class ResumeRefusedError(ValueError):
     """A checkpoint this run must not resume from."""
+
+
+class SaveFailedError(OSError):
+    """A save that failed for lack of space or permission, naming the directory."""
 
 
 def check_writable(directory: str, what: str = "output_dir") -> None:
@@ -87,6 +91,32 @@ def check_writable(directory: str, what: str = "output_dir") -> None:
         raise PermissionError(
             errno.EACCES, f"Cannot write to {what} {directory} (read-only or not yours): choose a writable directory."
         )
+
+
+@contextlib.contextmanager
+def file_lock(path: str, wait: bool = False):
+    """
+    An exclusive `flock` on `path` (created if needed, removed on release) inside the block. Without `wait`, raises
+    `BlockingIOError` at once when another process (or another open of the file) holds it.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BaseException:
+            os.close(fd)
+            raise
+        # Its previous holder may have removed the file between our open and our lock: then lock the new one
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        os.close(fd)
+    try:
+        yield fd
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)  # before the unlock, so that a waiting process retries on a new file
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -103,63 +133,53 @@ def output_dir_lock(output_dir: str):
     if directory in _held_locks or os.environ.get(LOCKED_BY_LAUNCHER) == directory:
         yield
         return
-    state = PartialState()
-    fd, refusal = None, None
-    if state.is_main_process:
+    # One of several processes (torchrun sets WORLD_SIZE): set up the process group only then, not in a launcher
+    state = PartialState() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if state is None or state.is_main_process:
+            try:
+                _take(stack, directory)
+            except (OutputDirInUseError, PermissionError) as error:
+                refusal = error
+        if state is not None:  # every process stops, not only the one that found the lock taken
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise refusal
+        _held_locks[directory] = None
         try:
-            fd = _acquire(directory)
-        except (OutputDirInUseError, PermissionError) as error:
-            refusal = error
-    if state.num_processes > 1:  # every process stops, not only the one that found the lock taken
-        refusal = broadcast_object_list([refusal])[0]
-    if refusal is not None:
-        raise refusal
-    _held_locks[directory] = fd
-    try:
-        yield
-    finally:
-        del _held_locks[directory]
-        if fd is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(directory, LOCK_FILE))  # before the unlock: a waiting run retries a new file
-            os.close(fd)
+            yield
+        finally:
+            del _held_locks[directory]
 
 
-def _acquire(directory: str) -> int:
+def _take(stack: contextlib.ExitStack, directory: str) -> None:
     check_writable(directory)
     path = os.path.join(directory, LOCK_FILE)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = _read_owner(fd)
-            os.close(fd)
-            raise OutputDirInUseError(
-                f"{directory} is in use by another run (pid {owner.get('pid', '?')} on {owner.get('host', '?')}, "
-                f"started {owner.get('started', '?')}): two runs in one output_dir overwrite each other's checkpoints "
-                "and model. Wait for it to finish, stop it, or choose another output_dir."
-            ) from None
-        # Its previous owner may have removed the file between our open and our lock: then lock the new one
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                break
-        os.close(fd)
-    previous = _read_owner(fd)
-    if previous:
+    previous = _read_owner(path)
+    try:
+        fd = stack.enter_context(file_lock(path))
+    except BlockingIOError:
+        owner = _read_owner(path)
+        raise OutputDirInUseError(
+            f"{directory} is in use by another run (pid {owner.get('pid', '?')} on {owner.get('host', '?')}, started "
+            f"{owner.get('started', '?')}): two runs in one output_dir overwrite each other's checkpoints and model. "
+            "Wait for it to finish, stop it, or choose another output_dir."
+        ) from None
+    if previous:  # a lock file nobody holds: its run was killed before it could remove it
         logger.warning(
             f"Taking over the stale lock of {directory}: its owner (pid {previous.get('pid')} on "
             f"{previous.get('host')}, started {previous.get('started')}) no longer runs."
         )
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(owner).encode(), 0)
-    return fd
+    os.ftruncate(fd, len(json.dumps(owner).encode()))
 
 
-def _read_owner(fd: int) -> dict:
+def _read_owner(path: str) -> dict:
     with contextlib.suppress(OSError, ValueError):
-        owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        with open(path) as f:
+            owner = json.load(f)
         return owner if isinstance(owner, dict) else {}
     return {}
 
@@ -258,7 +278,7 @@ def named_save_errors(directory: str):
         if getattr(error, "errno", None) not in (errno.EROFS, errno.EACCES):
             with contextlib.suppress(OSError):
                 cause += f"; {shutil.disk_usage(os.path.dirname(directory) or '.').free / 2**30:.1f} GiB free there"
-        raise OSError(
+        raise SaveFailedError(
             getattr(error, "errno", None) or errno.EIO,
             f"Could not save {directory}: {cause} ({error}). The previous checkpoint is intact; free space or fix the "
             "permissions, then resume with `resume_from_checkpoint=True`.",

@@ -413,7 +413,10 @@ class PowerFlowTrainer(GRPOTrainer):
                     self.args.output_dir, with_log_z=self.log_z is not None
                 )
                 if resume_from_checkpoint is None:
-                    raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
+                    raise ResumeRefusedError(
+                        f"No complete checkpoint to resume from in {self.args.output_dir}: start without "
+                        "`resume_from_checkpoint`, or point it at the directory of the run to resume."
+                    )
             if resume_from_checkpoint:
                 check_run_identity(run_identity(self), resume_from_checkpoint, self.args.resume_ignore_mismatch)
                 finished = self._finished_run(resume_from_checkpoint)

@@ -9,6 +9,7 @@ from trl import ModelConfig, TrlParser
 from ..config import PowerFlowConfig
 from ..models import EMBEDDED_MODELS
 from ..prompt_sets import PROMPT_SETS
+from ..run_guard import ResumeRefusedError, SaveFailedError, named_save_errors
 from .common import DEFAULT_MODEL, PROG, CLIError, _check_model_path, has_accelerator
 from .data import PowerFlowScriptArguments, load_prompts
 
@@ -61,6 +62,7 @@ def train(script_args: PowerFlowScriptArguments, training_args: PowerFlowConfig,
     from ..trainer import PowerFlowTrainer
 
     start = time.perf_counter()
+    resume_from_checkpoint = resume_target(training_args.resume_from_checkpoint)
     train_dataset = load_prompts(script_args, script_args.dataset_train_split)
     eval_dataset = None
     if training_args.eval_strategy != "no":
@@ -109,8 +111,12 @@ def train(script_args: PowerFlowScriptArguments, training_args: PowerFlowConfig,
     except ValueError as error:  # configuration and data errors found before training starts
         raise CLIError(error) from None
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        with named_save_errors(training_args.output_dir):
+            trainer.save_model(training_args.output_dir)
+    except (ResumeRefusedError, SaveFailedError) as error:  # another run's checkpoint; a full disk
+        raise CLIError(error) from None
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
 
@@ -124,6 +130,22 @@ def train(script_args: PowerFlowScriptArguments, training_args: PowerFlowConfig,
         f'  try it: {PROG} sample --model_name_or_path {training_args.output_dir} --prompt "..."'
     )
     return trainer
+
+
+def resume_target(value) -> str | bool | None:
+    """`--resume_from_checkpoint`: `true` or `last` for the last complete checkpoint in output_dir, or a directory."""
+    if isinstance(value, bool) or value is None:  # a YAML boolean
+        return value or None
+    if value.strip().lower() in ("true", "last"):
+        return True
+    if value.strip().lower() in ("false", "none", ""):
+        return None
+    if not os.path.isdir(value):
+        raise CLIError(
+            f"--resume_from_checkpoint {value}: no such checkpoint directory. Pass a checkpoint-N directory, or "
+            "`true` (or `last`) for the last complete checkpoint in --output_dir."
+        )
+    return value
 
 
 def finish(trainer) -> None:
