@@ -425,7 +425,7 @@ class PowerFlowTrainer(GRPOTrainer):
             return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _finished_run(self, checkpoint):
-        """A checkpoint already at the last step: its model and state loaded, no step taken (Trainer would take one)."""
+        """A checkpoint at the last step already: its model and state loaded, no step taken (Trainer takes one)."""
         state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
         if self.args.max_steps > 0:
             max_steps = self.args.max_steps
@@ -452,8 +452,8 @@ class PowerFlowTrainer(GRPOTrainer):
         return TrainOutput(state.global_step, sum(losses) / max(len(losses), 1), {})
 
     def _save_checkpoint(self, model, trial):
-        checkpoint = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        with named_save_errors(checkpoint):
+        checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        with named_save_errors(os.path.join(self._get_output_dir(trial=trial), checkpoint)):
             super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):

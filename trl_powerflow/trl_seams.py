@@ -63,8 +63,8 @@ def prepare_in_memory_base(trainer, base_model):
 
 def last_complete_checkpoint(output_dir: str, with_log_z: bool = True) -> str | None:
     """
-    The latest `checkpoint-N` in `output_dir` whose save finished: its trainer state (written last) is there and parses,
-    as does its run identity when there is one, and its log Z head is there when `with_log_z`.
+    The latest `checkpoint-N` in `output_dir` whose save finished: its trainer state (written last) is there and
+    parses, as does its run identity when there is one, and its log Z head is there when `with_log_z`.
     """
     if not os.path.isdir(output_dir):
         return None
