@@ -124,6 +124,9 @@ def test_a_truncated_trainer_state_is_skipped(tmp_path, tokenizer, caplog):
     _trainer(tmp_path, tokenizer, **config).train()
     state = tmp_path / "checkpoint-2" / "trainer_state.json"
     state.write_text(state.read_text()[:100])  # cut short by a full disk or a power loss
+    named = _trainer(tmp_path, tokenizer, **config)
+    with pytest.raises(ResumeRefusedError, match="checkpoint-2 is incomplete .* `resume_from_checkpoint=True`"):
+        named.train(resume_from_checkpoint=str(state.parent))
     resumed = _trainer(tmp_path, tokenizer, **config)
     resumed.train(resume_from_checkpoint=True)
     assert "Skipping" in caplog.text and "checkpoint-2: its save did not finish" in caplog.text

@@ -36,6 +36,7 @@ from .trl_seams import (
     VLM_ERROR,
     attribute_set_to,
     check_inputs,
+    is_complete_checkpoint,
     last_complete_checkpoint,
     no_reward,
     prepare_in_memory_base,
@@ -418,6 +419,11 @@ class PowerFlowTrainer(GRPOTrainer):
                         "`resume_from_checkpoint`, or point it at the directory of the run to resume."
                     )
             if resume_from_checkpoint:
+                if not is_complete_checkpoint(resume_from_checkpoint, with_log_z=False):  # log Z: named on loading
+                    raise ResumeRefusedError(
+                        f"{resume_from_checkpoint} is incomplete (its save did not finish: a state file is missing "
+                        "or cut short). Resume with `resume_from_checkpoint=True` to take the last complete one."
+                    )
                 check_run_identity(run_identity(self), resume_from_checkpoint, self.args.resume_ignore_mismatch)
                 finished = self._finished_run(resume_from_checkpoint)
                 if finished is not None:

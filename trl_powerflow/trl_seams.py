@@ -62,10 +62,7 @@ def prepare_in_memory_base(trainer, base_model):
 
 
 def last_complete_checkpoint(output_dir: str, with_log_z: bool = True) -> str | None:
-    """
-    The latest `checkpoint-N` in `output_dir` whose save finished: its trainer state (written last) is there and
-    parses, as does its run identity when there is one, and its log Z head is there when `with_log_z`.
-    """
+    """The latest `checkpoint-N` in `output_dir` whose save finished (see [`is_complete_checkpoint`])."""
     if not os.path.isdir(output_dir):
         return None
     steps = sorted(
@@ -74,15 +71,23 @@ def last_complete_checkpoint(output_dir: str, with_log_z: bool = True) -> str | 
     )
     for step in steps:
         checkpoint = os.path.join(output_dir, f"checkpoint-{step}")
-        identity = os.path.join(checkpoint, RUN_IDENTITY_FILE)
-        if (
-            is_readable_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
-            and (not os.path.exists(identity) or is_readable_json(identity))
-            and (not with_log_z or os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE)))
-        ):
+        if is_complete_checkpoint(checkpoint, with_log_z):
             return checkpoint
         logger.warning(f"Skipping {checkpoint}: its save did not finish (a state file is missing or cut short).")
     return None
+
+
+def is_complete_checkpoint(checkpoint: str, with_log_z: bool = True) -> bool:
+    """
+    Whether the save of `checkpoint` finished: its trainer state (written last) is there and parses, as does its run
+    identity when there is one, and its log Z head is there when `with_log_z`.
+    """
+    identity = os.path.join(checkpoint, RUN_IDENTITY_FILE)
+    return (
+        is_readable_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        and (not os.path.exists(identity) or is_readable_json(identity))
+        and (not with_log_z or os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE)))
+    )
 
 
 VLM_ERROR = (
