@@ -156,7 +156,6 @@ def output_dir_lock(output_dir: str):
 def _take(stack: contextlib.ExitStack, directory: str) -> None:
     check_writable(directory)
     path = os.path.join(directory, LOCK_FILE)
-    previous = _read_owner(path)
     try:
         fd = stack.enter_context(file_lock(path))
     except BlockingIOError:
@@ -166,20 +165,28 @@ def _take(stack: contextlib.ExitStack, directory: str) -> None:
             f"{owner.get('started', '?')}): two runs in one output_dir overwrite each other's checkpoints and model. "
             "Wait for it to finish, stop it, or choose another output_dir."
         ) from None
-    if previous:  # a lock file nobody holds: its run was killed before it could remove it
+    # A live run removes its lock file on release: one that names an owner while nobody holds it is a killed run's
+    previous = _parse_owner(os.pread(fd, 4096, 0))
+    if previous:
         logger.warning(
             f"Taking over the stale lock of {directory}: its owner (pid {previous.get('pid')} on "
             f"{previous.get('host')}, started {previous.get('started')}) no longer runs."
         )
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(owner).encode(), 0)
-    os.ftruncate(fd, len(json.dumps(owner).encode()))
 
 
 def _read_owner(path: str) -> dict:
-    with contextlib.suppress(OSError, ValueError):
-        with open(path) as f:
-            owner = json.load(f)
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            return _parse_owner(f.read(4096))
+    return {}
+
+
+def _parse_owner(text: bytes) -> dict:
+    with contextlib.suppress(ValueError):
+        owner = json.loads(text or b"{}")
         return owner if isinstance(owner, dict) else {}
     return {}
 
