@@ -133,20 +133,30 @@ def test_a_truncated_trainer_state_is_skipped(tmp_path, tokenizer, caplog):
     assert [log["step"] for log in resumed.state.log_history if "loss" in log] == [1, 2]  # trained from checkpoint-1
 
 
-@pytest.mark.parametrize(
-    "code, cause", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "the file system is read-only")]
+TORCH_WRITE_FAILURE = RuntimeError(
+    "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed"
 )
-def test_a_failed_checkpoint_save_names_the_directory_and_the_cause(tmp_path, tokenizer, monkeypatch, code, cause):
+
+
+@pytest.mark.parametrize(
+    "error, cause",
+    [
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "the disk is full"),
+        (OSError(errno.EROFS, os.strerror(errno.EROFS)), "the file system is read-only"),
+        (TORCH_WRITE_FAILURE, r"a write failed \(is the disk full\?\)"),  # how torch.save reports a full disk
+    ],
+)
+def test_a_failed_checkpoint_save_names_the_directory_and_the_cause(tmp_path, tokenizer, monkeypatch, error, cause):
     import transformers
 
-    def full_disk(self, output_dir):
-        raise OSError(code, os.strerror(code))
+    def failing_save(self, output_dir):
+        raise error
 
-    monkeypatch.setattr(transformers.Trainer, "_save_rng_state", full_disk)
+    monkeypatch.setattr(transformers.Trainer, "_save_rng_state", failing_save)
     trainer = _trainer(tmp_path, tokenizer, max_steps=1, save_strategy="steps", save_steps=1)
     with pytest.raises(OSError, match=rf"Could not save {tmp_path / 'checkpoint-1'}: {cause}") as raised:
         trainer.train()
-    assert raised.value.errno == code
+    assert raised.value.errno == (getattr(error, "errno", None) or errno.EIO)
     assert not (tmp_path / LOCK_FILE).exists()
 
 
