@@ -66,10 +66,13 @@ def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, caplog):
 
 
 def test_the_lock_is_released_when_the_run_fails(tmp_path):
-    with pytest.raises(KeyboardInterrupt), output_dir_lock(tmp_path):
+    with pytest.raises(KeyboardInterrupt), output_dir_lock(tmp_path / "out"):
+        assert (tmp_path / "out" / LOCK_FILE).exists()
         raise KeyboardInterrupt
-    with output_dir_lock(tmp_path):  # free again
-        assert (tmp_path / LOCK_FILE).exists()
+    assert not (tmp_path / "out").exists()  # made for the lock, left empty: removed with it
+    with output_dir_lock(tmp_path / "out"):  # free again
+        (tmp_path / "out" / "model.safetensors").write_text("")
+    assert os.listdir(tmp_path / "out") == ["model.safetensors"]
 
 
 def test_resuming_another_runs_checkpoint_is_refused_naming_the_fields(tmp_path, tokenizer, caplog):

@@ -154,6 +154,8 @@ def output_dir_lock(output_dir: str):
 
 
 def _take(stack: contextlib.ExitStack, directory: str) -> None:
+    if not os.path.isdir(directory):  # made for the lock: removed with it if the run left nothing there (a bad input)
+        stack.callback(_remove_if_empty, directory)
     check_writable(directory)
     path = os.path.join(directory, LOCK_FILE)
     try:
@@ -175,6 +177,11 @@ def _take(stack: contextlib.ExitStack, directory: str) -> None:
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(owner).encode(), 0)
+
+
+def _remove_if_empty(directory: str) -> None:
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)
 
 
 def _read_owner(path: str) -> dict:
