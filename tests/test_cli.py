@@ -215,12 +215,15 @@ def test_demo_small(capsys, tmp_path):
 # Launching on several processes: `accelerate launch`, as `trl grpo` does
 
 
-def test_launch_flags_go_to_accelerate_launch_and_the_rest_to_train(monkeypatch, tiny_model_dir, prompts_file):
+def test_launch_flags_go_to_accelerate_launch_and_the_rest_to_train(
+    monkeypatch, tiny_model_dir, prompts_file, tmp_path
+):
     import trl
 
     from trl_powerflow.cli import parse_or_launch
 
     train_argv = ["--model_name_or_path", tiny_model_dir, "--dataset_name", prompts_file, "--alpha", "2"]
+    train_argv += ["--output_dir", str(tmp_path)]  # the launcher holds its lock while the processes run
     launched = []
     argv = ["--accelerate_config", "zero3", *train_argv[:2], "--num_processes", "8", *train_argv[2:]]
     assert parse_or_launch(make_train_parser(), argv, launch_command_fn=launched.append) is None

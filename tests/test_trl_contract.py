@@ -32,6 +32,7 @@ PINNED = {
     "_prepare_inputs": ["self", "generation_batch"],
     "_load_optimizer_and_scheduler": ["self", "checkpoint"],
     "_save_optimizer_and_scheduler": ["self", "output_dir"],
+    "_save_checkpoint": ["self", "model", "trial"],
     "save_model": ["self", "output_dir", "_internal_call"],
     "log": ["self", "logs", "start_time"],
     "train": ["self", "resume_from_checkpoint", "trial"],
@@ -52,6 +53,9 @@ def test_the_trl_code_our_overrides_mirror_is_unchanged():
     assert "generation_batch = shuffle_sequence_dict(generation_batch)" in prepare
     assert "split_tensor_dict(generation_batch, self.args.steps_per_generation)" in prepare
     assert "self._buffered_inputs[self._step % self.args.steps_per_generation]" in prepare
+    # resuming inside a generation batch restores both (`run_guard.load_generation_buffer`); TRL resets neither
+    assert "self._step = 0" in inspect.getsource(GRPOTrainer.__init__)
+    assert "self._step" not in inspect.getsource(GRPOTrainer.train)
     # `_generate_and_score_completions` reads num_iterations only to decide on the old policy's extra forward
     generate = inspect.getsource(GRPOTrainer._generate_and_score_completions)
     assert generate.count("self.num_iterations") == 1

@@ -74,6 +74,10 @@ class PowerFlowConfig(GRPOConfig):
             Lower clipping bound of the sequence-level importance weight: `w >= 1 - epsilon`.
         epsilon_high (`float`, *optional*, defaults to `0.28`):
             Upper clipping bound of the sequence-level importance weight: `w <= 1 + epsilon_high`.
+        resume_ignore_mismatch (`bool`, *optional*, defaults to `False`):
+            Resume from a checkpoint even when the settings it recorded (model, alpha, estimator, batch shape, learning
+            rate, seed, training data, ...) differ from this run's. By default such a resume is refused, naming the
+            fields that differ: it is usually another run's checkpoint.
         beta (`float`, *optional*, defaults to `0.0`):
             Ignored (a warning if set): PowerFlow has no KL term, the base model enters only through the target. Kept
             so GRPO configurations load.
@@ -182,6 +186,13 @@ class PowerFlowConfig(GRPOConfig):
     epsilon_high: float | None = field(
         default=0.28,
         metadata={"help": "Upper clipping bound of the sequence-level importance weight: w <= 1 + epsilon_high."},
+    )
+    resume_ignore_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume even when the checkpoint's recorded settings (model, alpha, estimator, batch shape, "
+            "learning rate, seed, training data, ...) differ from this run's; by default that is refused."
+        },
     )
     beta: float = field(
         default=0.0,

@@ -21,6 +21,7 @@ The cache lives in ``$TRL_POWERFLOW_CACHE/<name>`` when that variable is set, el
 ``~/.cache/trl_powerflow/models/<name>``.
 """
 
+import contextlib
 import copy
 import importlib.metadata
 import importlib.util
@@ -32,6 +33,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .run_guard import check_writable, file_lock
 
 
 logger = logging.getLogger(__name__)
@@ -157,7 +160,9 @@ def convert_embedded_model(name: str, cache_dir: str | os.PathLike | None = None
 
     Everything is written into a temporary folder beside the target and renamed into place at the end,
     so an interrupted conversion never leaves a half-written directory. When the target already holds
-    a finished conversion it is returned at once.
+    a finished conversion it is returned at once. A file lock beside the target lets one process convert
+    while the others (of a multi-process run, or other runs) wait and then use its result; an unwritable
+    cache is reported before the conversion starts.
 
     Args:
         name (`str`):
@@ -173,16 +178,51 @@ def convert_embedded_model(name: str, cache_dir: str | os.PathLike | None = None
     target = embedded_model_cache_dir(name, cache_dir)
     if is_converted(target) and not force:
         return str(target)
-
     gguf_path = embedded_gguf_path(name)
+    try:  # before the conversion's minutes, not after them
+        check_writable(str(target.parent), "the model cache")
+    except PermissionError as error:
+        raise PermissionError(
+            error.errno, f"{error.strerror} Set {CACHE_ENV_VAR} to a writable directory to convert '{name}' there."
+        ) from None
+    # One conversion at a time: the other processes (of a multi-process run, or other runs) wait, then find it done
+    with _conversion_lock(target):
+        if is_converted(target) and not force:
+            return str(target)
+        start = time.perf_counter()
+        logger.info("Converting embedded model '%s' from %s into %s (one time only)", name, gguf_path, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+        try:
+            _write_conversion(name, gguf_path, tmp)
+            _apply_umask(tmp)
+            _move_into_place(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("Converted '%s' in %.1f s", name, time.perf_counter() - start)
+    return str(target)
+
+
+@contextlib.contextmanager
+def _conversion_lock(target: Path):
+    path = str(target.parent / f".{target.name}.lock")
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(path))
+        except BlockingIOError:
+            logger.info("Waiting for another process converting into %s", target)
+            stack.enter_context(file_lock(path, wait=True))
+        yield
+
+
+def _write_conversion(name: str, gguf_path: Path, directory: Path) -> None:
+    """Loads the GGUF file and saves model, tokenizer and the marker file (last) into `directory`."""
     spec = EMBEDDED_MODELS[name]
+    start = time.perf_counter()
 
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("Converting embedded model '%s' from %s into %s (one time only)", name, gguf_path, target)
-    start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
 
@@ -205,50 +245,32 @@ def convert_embedded_model(name: str, cache_dir: str | os.PathLike | None = None
     model.generation_config = transformers.GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _apply_umask(tmp)
-        marker = {
-            "name": name,
-            "source": f"{spec.distribution}=={_version(spec.distribution)}:{spec.gguf_file}",
-            "num_parameters": model.num_parameters(),
-            "dtype": "float32",
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        _move_into_place(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("Converted '%s' in %.1f s", name, time.perf_counter() - start)
-    return str(target)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    marker = {
+        "name": name,
+        "source": f"{spec.distribution}=={_version(spec.distribution)}:{spec.gguf_file}",
+        "num_parameters": model.num_parameters(),
+        "dtype": "float32",
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    (directory / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:
-    """Renames the finished folder `tmp` to `target`, replacing an unfinished or forced-over `target`.
-
-    When another process finished the same conversion first, its result is kept and `tmp` is dropped.
-    """
+    """Renames the finished folder `tmp` to `target`, replacing an unfinished or forced-over `target`."""
     if target.exists():
-        # An unfinished leftover (or a `force` re-conversion): move it aside first, then delete it, so
-        # that the rename below stays atomic.
+        # An unfinished leftover (or a `force` re-conversion): move it aside first, then delete it, so that the rename
+        # below stays atomic. A finished one is only replaced under `force`: the conversion lock rules out a
+        # concurrent conversion, so no process is reading it.
         trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         try:
             os.replace(target, trash / target.name)
-        except FileNotFoundError:
-            pass
         finally:
             shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not is_converted(target):  # not a concurrent finished conversion: a real error
-            raise
+    os.replace(tmp, target)
 
 
 def _apply_umask(folder: Path) -> None:

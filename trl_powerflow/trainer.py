@@ -8,6 +8,9 @@ from functools import partial
 
 import torch
 from accelerate.utils import DistributedType, is_peft_model
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id, split_tensor_dict
@@ -21,7 +24,23 @@ from .groups import prompt_groups, shuffle_groups
 from .log_z import LOG_Z_FILE, LogZ, LogZOptimizerCallback, captured_prompt_features, prompt_feature_size
 from .objective import group_mean, powerflow_loss
 from .prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
-from .trl_seams import attribute_set_to, last_complete_checkpoint, no_reward, prepare_in_memory_base
+from .run_guard import (
+    ResumeRefusedError,
+    check_run_identity,
+    load_generation_buffer,
+    named_save_errors,
+    output_dir_lock,
+    run_identity,
+    save_generation_buffer,
+    save_run_identity,
+)
+from .trl_seams import (
+    attribute_set_to,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+    no_reward,
+    prepare_in_memory_base,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -390,12 +409,61 @@ class PowerFlowTrainer(GRPOTrainer):
         super().log(logs, start_time)
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
-        if resume_from_checkpoint is True:
-            # Trainer takes the highest-numbered checkpoint, even one left half-written by a crash during its save
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir, with_log_z=self.log_z is not None)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        # One run per output directory, from the first step to the last save (see `run_guard.py`)
+        with output_dir_lock(self.args.output_dir):
+            if resume_from_checkpoint is True:
+                # Trainer takes the highest-numbered checkpoint, even one left half-written by a crash during its save
+                resume_from_checkpoint = last_complete_checkpoint(
+                    self.args.output_dir, with_log_z=self.log_z is not None
+                )
+                if resume_from_checkpoint is None:
+                    raise ResumeRefusedError(
+                        f"No complete checkpoint to resume from in {self.args.output_dir}: start without "
+                        "`resume_from_checkpoint`, or point it at the directory of the run to resume."
+                    )
+            if resume_from_checkpoint:
+                if not is_complete_checkpoint(resume_from_checkpoint, with_log_z=False):  # log Z: named on loading
+                    raise ResumeRefusedError(
+                        f"{resume_from_checkpoint} is incomplete (its save did not finish: a state file is missing "
+                        "or cut short). Resume with `resume_from_checkpoint=True` to take the last complete one."
+                    )
+                check_run_identity(run_identity(self), resume_from_checkpoint, self.args.resume_ignore_mismatch)
+                finished = self._finished_run(resume_from_checkpoint)
+                if finished is not None:
+                    return finished
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _finished_run(self, checkpoint):
+        """A checkpoint at the last step already: its model and state loaded, no step taken (Trainer takes one)."""
+        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        if self.args.max_steps > 0:
+            max_steps = self.args.max_steps
+        elif self.args.num_train_epochs == state.num_train_epochs:
+            max_steps = state.max_steps
+        else:  # another number of epochs: Trainer counts the steps anew
+            return None
+        if state.global_step < max_steps:
+            return None
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # their weights load only inside Trainer's loop
+            raise ResumeRefusedError(
+                f"{checkpoint} is already at step {state.global_step} of max_steps={max_steps}: nothing to train. Its "
+                "model is in that directory; raise `max_steps` to train further."
+            )
+        logger.warning(
+            f"{checkpoint} is already at step {state.global_step} of max_steps={max_steps}: nothing to train, its "
+            "model is loaded. Raise `max_steps` to train further."
+        )
+        self._load_from_checkpoint(checkpoint)
+        if self.log_z is not None:
+            self.log_z.load(checkpoint)
+        self.state = state
+        losses = [log["loss"] for log in state.log_history if "loss" in log]
+        return TrainOutput(state.global_step, sum(losses) / max(len(losses), 1), {})
+
+    def _save_checkpoint(self, model, trial):
+        checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        with named_save_errors(os.path.join(self._get_output_dir(trial=trial), checkpoint)):
+            super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # Called on resume by every backend (unlike `_load_from_checkpoint`, which DeepSpeed and FSDP bypass)
@@ -411,11 +479,19 @@ class PowerFlowTrainer(GRPOTrainer):
         alpha_state = self.state.stateful_callbacks.get(AlphaController.__name__) if checkpoint is not None else None
         if alpha_state:  # Trainer restores callbacks only with `restore_callback_states_from_checkpoint`: α always is
             self.alpha_controller.restore(alpha_state)
+        if checkpoint is not None:
+            buffered = load_generation_buffer(checkpoint, self.accelerator.process_index, self.accelerator.device)
+            if buffered is not None:  # inside a generation batch: go on with its other micro-batches, not a new one
+                self._step, self._buffered_inputs = buffered
 
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save and self.log_z is not None:
-            self.log_z_optimizer.save(output_dir)
+        if self.args.should_save:
+            save_run_identity(run_identity(self), output_dir)
+            if self.log_z is not None:
+                self.log_z_optimizer.save(output_dir)
+        if self._step % (self.args.steps_per_generation * self.num_iterations):
+            save_generation_buffer(output_dir, self.accelerator.process_index, self._step, self._buffered_inputs)
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)

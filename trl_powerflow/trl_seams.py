@@ -9,7 +9,8 @@ TRL code each relies on.
   removed right after.
 - `prepare_in_memory_base`: TRL reloads a full fine-tuning reference from `config._name_or_path`, which a model passed
   as an object may lack or no longer match; a frozen copy of the object serves instead.
-- `last_complete_checkpoint`: Trainer resumes from the highest-numbered checkpoint, even one a crash left half-written.
+- `last_complete_checkpoint`: Trainer resumes from the highest-numbered checkpoint, even one a crash left half-written
+  (a state file missing or cut short).
 """
 
 import contextlib
@@ -22,6 +23,7 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
 from .log_z import LOG_Z_FILE
+from .run_guard import RUN_IDENTITY_FILE, is_readable_json
 
 
 logger = logging.get_logger(__name__)
@@ -55,10 +57,7 @@ def prepare_in_memory_base(trainer, base_model):
 
 
 def last_complete_checkpoint(output_dir: str, with_log_z: bool = True) -> str | None:
-    """
-    The latest `checkpoint-N` in `output_dir` whose save finished: its trainer state (written last) is there, and its
-    log Z head when `with_log_z`.
-    """
+    """The latest `checkpoint-N` in `output_dir` whose save finished (see [`is_complete_checkpoint`])."""
     if not os.path.isdir(output_dir):
         return None
     steps = sorted(
@@ -67,9 +66,21 @@ def last_complete_checkpoint(output_dir: str, with_log_z: bool = True) -> str | 
     )
     for step in steps:
         checkpoint = os.path.join(output_dir, f"checkpoint-{step}")
-        if os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)) and (
-            not with_log_z or os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE))
-        ):
+        if is_complete_checkpoint(checkpoint, with_log_z):
             return checkpoint
-        logger.warning(f"Skipping {checkpoint}: its save did not finish.")
+        logger.warning(f"Skipping {checkpoint}: its save did not finish (a state file is missing or cut short).")
     return None
+
+
+def is_complete_checkpoint(checkpoint: str, with_log_z: bool = True) -> bool:
+    """
+    Whether the save of `checkpoint` finished: its trainer state (written last) is there and parses, as does its run
+    identity when there is one, and its log Z head is there when `with_log_z`.
+    """
+    identity = os.path.join(checkpoint, RUN_IDENTITY_FILE)
+    return (
+        is_readable_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        and (not os.path.exists(identity) or is_readable_json(identity))
+        and (not with_log_z or os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE)))
+    )
+

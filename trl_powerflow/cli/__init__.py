@@ -18,10 +18,10 @@ import warnings
 from trl import TrlParser
 
 from ..demo import DemoArguments
-from .common import PROG, CLIError, _parse, check_numbers
+from .common import PROG, CLIError, _parse, check_numbers, holding_output_dir
 from .data import PowerFlowScriptArguments, load_prompts
 from .evaluate import EvaluateArguments, evaluate_command, make_evaluate_parser
-from .launch import parse_or_launch
+from .launch import die_with_launcher, parse_or_launch
 from .sample import SampleArguments, make_sample_parser, sample_command
 from .train import finish, make_train_parser, train
 
@@ -85,6 +85,7 @@ def make_demo_parser() -> TrlParser:
 
 def main(argv: list[str] | None = None):
     """Entry point of the `trl-powerflow` console script."""
+    die_with_launcher()  # in a process started by `train --num_processes N`: not one moment longer than the launcher
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     # TRL 1.16 still uses transformers' old `gradient_checkpointing*` names: deprecation noise a user cannot act on
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing\w*` is deprecated", category=FutureWarning)
@@ -114,7 +115,9 @@ def main(argv: list[str] | None = None):
         # --num_processes, --accelerate_config, ...: through `accelerate launch`, as `trl grpo`
         parsed = parse_or_launch(make_train_parser(), argv)
         if parsed is not None:
-            finish(train(*parsed))
+            with holding_output_dir(parsed[1].output_dir):  # before any model loads, until the final save
+                trainer = train(*parsed)
+            finish(trainer)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """What every subcommand shares: the program name, one-line user errors, argument parsing."""
 
+import contextlib
 import math
 import os
 import tempfile
@@ -72,3 +73,17 @@ def _parse(parser: TrlParser, argv: list[str]):
         return parser.parse_args_and_config(argv)
     except ValueError as error:  # a config's __post_init__ check (e.g. alpha <= 0) or an unknown config-file key
         raise CLIError(error) from None
+
+
+@contextlib.contextmanager
+def holding_output_dir(output_dir: str):
+    """The lock of `output_dir` (see `run_guard`) inside the block; a user error if another run holds it, or if the
+    directory cannot be written."""
+    from ..run_guard import OutputDirInUseError, output_dir_lock
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(output_dir_lock(output_dir))
+        except (OutputDirInUseError, PermissionError) as error:
+            raise CLIError(error) from None
+        yield

