@@ -167,7 +167,7 @@ def test_nothing_to_share_when_every_prompt_is_distinct_or_short(tmp_path):
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
 def test_training_with_and_without_sharing_is_the_same_run(tmp_path, monkeypatch, gradient_checkpointing):
     # LoRA, 2 prompts of different lengths x 4 samples, gradient accumulation over 2 micro-batches, 2 steps
-    import trl_powerflow.trainer
+    import trl_powerflow.prefix_sharing
 
     shared_passes = []
 
@@ -176,14 +176,14 @@ def test_training_with_and_without_sharing_is_the_same_run(tmp_path, monkeypatch
         shared_passes.append(out is not None)
         return out
 
-    monkeypatch.setattr(trl_powerflow.trainer, "shared_prefix_logps", counted)
+    monkeypatch.setattr(trl_powerflow.prefix_sharing, "shared_prefix_logps", counted)
     prefills = []
 
     def counted_generate(model, generate, **kwargs):
         prefills.append(kwargs["input_ids"].size(0))
         return generate_from_shared_prefill(model, generate, **kwargs)
 
-    monkeypatch.setattr(trl_powerflow.trainer, "generate_from_shared_prefill", counted_generate)
+    monkeypatch.setattr(trl_powerflow.prefix_sharing, "generate_from_shared_prefill", counted_generate)
     tokenizer = make_tokenizer()
     runs = {}
     for sharing in (True, False):
