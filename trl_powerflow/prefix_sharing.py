@@ -121,9 +121,15 @@ def generate_from_shared_prefill(model, generate, input_ids, attention_mask=None
     base_model = _base_model(model)
     cache_argument = _cache_argument(base_model)
     cache = DynamicCache(config=base_model.config)
+    prefix_ids, prefix_mask = input_ids[first, :-1], attention_mask[first, :-1]
+    if "position_ids" in inspect.signature(type(base_model).forward).parameters:
+        # The positions `generate` gives the prompt (counted from its first token, past the left padding)
+        kwargs_of_prefill = {"position_ids": (prefix_mask.cumsum(-1) - 1).masked_fill(prefix_mask == 0, 0)}
+    else:
+        kwargs_of_prefill = {}
     model(
-        input_ids=input_ids[first, :-1], attention_mask=attention_mask[first, :-1], logits_to_keep=1,
-        **{cache_argument: cache},
+        input_ids=prefix_ids, attention_mask=prefix_mask, logits_to_keep=1, **{cache_argument: cache},
+        **kwargs_of_prefill,
     )  # fmt: skip
     cache.batch_select_indices(groups)
     return generate(input_ids=input_ids, attention_mask=attention_mask, **{cache_argument: cache}, **kwargs)
@@ -157,10 +163,13 @@ def shared_prefix_logps(
     labels = suffix_ids[:, 1:].masked_fill(attention_mask[:, prefix_length + 1 :] == 0, -100)
     labels = torch.cat([labels, torch.full_like(labels[:, :1], -100)], dim=1)
     with _checkpointed_layers_keep_the_cache(base_model):
-        prefix_model(
-            input_ids=prefix_ids[first], attention_mask=prefix_mask[first], logits_to_keep=1,
-            **{cache_argument: prefix_cache},
-        )  # fmt: skip
+        # The decoder alone: no logits are needed, and under ZeRO-3 a call of the LM head module leaves its weight
+        # gathered when the suffix pass's fused head reads it, which then skips its own gathering (and its backward
+        # fails on the released weight)
+        decoder = base_model.get_decoder()
+        decoder(
+            input_ids=prefix_ids[first], attention_mask=prefix_mask[first], **{_cache_argument(decoder): prefix_cache}
+        )
         # Each row gets its prompt's keys and values (an indexing, so the gradient sums over the group)
         suffix_cache = copy.copy(prefix_cache)
         suffix_cache.layers = [copy.copy(layer) for layer in prefix_cache.layers]
