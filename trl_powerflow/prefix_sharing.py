@@ -119,20 +119,17 @@ def generate_from_shared_prefill(model, generate, input_ids, attention_mask=None
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     groups, first = shared
     base_model = _base_model(model)
-    cache_argument = _cache_argument(base_model)
     cache = DynamicCache(config=base_model.config)
     prefix_ids, prefix_mask = input_ids[first, :-1], attention_mask[first, :-1]
+    decoder = base_model.get_decoder()  # no logits needed
+    prefill_kwargs = {_cache_argument(decoder): cache}
     if "position_ids" in inspect.signature(type(base_model).forward).parameters:
         # The positions `generate` gives the prompt (counted from its first token, past the left padding)
-        kwargs_of_prefill = {"position_ids": (prefix_mask.cumsum(-1) - 1).masked_fill(prefix_mask == 0, 0)}
-    else:
-        kwargs_of_prefill = {}
-    model(
-        input_ids=prefix_ids, attention_mask=prefix_mask, logits_to_keep=1, **{cache_argument: cache},
-        **kwargs_of_prefill,
-    )  # fmt: skip
+        prefill_kwargs["position_ids"] = (prefix_mask.cumsum(-1) - 1).masked_fill(prefix_mask == 0, 0)
+    decoder(input_ids=prefix_ids, attention_mask=prefix_mask, **prefill_kwargs)
     cache.batch_select_indices(groups)
-    return generate(input_ids=input_ids, attention_mask=attention_mask, **{cache_argument: cache}, **kwargs)
+    kwargs[_cache_argument(base_model)] = cache
+    return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
 def shared_prefix_logps(
