@@ -161,10 +161,16 @@ def test_the_moe_auxiliary_loss_comes_from_grpos_pass(tmp_path, monkeypatch, off
     ]
 
 
-def test_vision_language_models_are_not_shared(tmp_path, off_lines):
-    # A vision-language model's processor is fetched from the hub: here, a text model flagged as one
+@pytest.mark.parametrize(
+    "attribute, reason",
+    [("_is_vlm", "for vision-language models"), ("is_fsdp_enabled", "under FSDP")],
+)
+def test_vision_language_models_and_fsdp_are_not_shared(tmp_path, off_lines, attribute, reason):
+    # A vision-language model's processor is fetched from the hub, and FSDP runs only on GPUs: here, a text model on
+    # a CPU flagged as either
     trainer = _trainer(tmp_path)
-    trainer._is_vlm = True
+    assert trainer._shares_prefixes()
+    setattr(trainer, attribute, True)
     assert not trainer._shares_prefixes()
     assert not trainer._shares_prefixes()
-    assert off_lines() == ["Prefix sharing is off for vision-language models: GRPO's passes are used."]
+    assert off_lines() == [f"Prefix sharing is off {reason}: GRPO's passes are used."]
