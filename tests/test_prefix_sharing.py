@@ -1,7 +1,8 @@
 """
 Prefix sharing computes each prompt once per group and must change nothing: per-token log-probs, entropies and every
 parameter gradient agree with the unshared pass (TRL's), on left-padded prompts of different lengths, across
-architectures, with LoRA or full fine-tuning, with gradient checkpointing on or off.
+architectures, with LoRA or full fine-tuning, with gradient checkpointing on or off; for PowerFlowTrainer and for
+TRL's GRPOTrainer with `PrefixSharingMixin` (GRPO's loss, its reference pass and every gradient).
 """
 
 import pytest
