@@ -80,8 +80,9 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--trainers",
-        default="powerflow,grpo-beta,grpo-nobeta",
-        help="comma list among powerflow, powerflow-noshare (prefix_sharing=False), grpo-beta, grpo-nobeta "
+        default="powerflow,grpo-shared,grpo-beta,grpo-nobeta",
+        help="comma list among powerflow, powerflow-noshare (prefix_sharing=False), grpo-beta, grpo-nobeta, "
+        "grpo-shared (GRPOTrainer + PrefixSharingMixin, beta as grpo-beta's) "
         "(ignored with --num-iterations-sweep)",
     )
     p.add_argument(

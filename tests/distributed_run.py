@@ -1,11 +1,12 @@
 """Train a tiny model for a few steps; launched by tests/test_distributed.py with 1 or 2 processes (torchrun), or
 through `accelerate launch` with a DeepSpeed or FSDP configuration.
 
-Usage: distributed_run.py OUTPUT_DIR PER_DEVICE_BATCH_SIZE {group,learned} [{cpu,gloo,cuda}] [resume]
+Usage: distributed_run.py OUTPUT_DIR PER_DEVICE_BATCH_SIZE {group,learned} [{cpu,gloo,cuda}] [resume] [noshare]
 
 `cpu`: CPU processes, plain data parallelism. `gloo`: CPU processes under the engine of an accelerate configuration
 (DeepSpeed), which accelerate sets up only without `use_cpu` and with the gloo backend named. `resume`: resume from
-the checkpoint in OUTPUT_DIR. Every run saves a checkpoint at step 2 of 3.
+the checkpoint in OUTPUT_DIR. `noshare`: `prefix_sharing=False`. Every run saves a checkpoint at step 2 of 3, and
+writes, for each process, whether each scoring pass shared its prompts.
 """
 
 import json
@@ -19,11 +20,27 @@ import torch  # noqa: E402
 from conftest import make_config, make_model, make_tokenizer  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
+import trl_powerflow.prefix_sharing  # noqa: E402
 from trl_powerflow import PowerFlowTrainer  # noqa: E402
 from trl_powerflow.cli.train import finish  # noqa: E402
 
 
-def main(output_dir, per_device_batch_size, estimator, device="cpu", resume=None):
+def _record_shared_passes():
+    """Whether each scoring pass shared its prompts, as it happens."""
+    shared_passes = []
+    shared_prefix_logps = trl_powerflow.prefix_sharing.shared_prefix_logps
+
+    def recorded(*args, **kwargs):
+        out = shared_prefix_logps(*args, **kwargs)
+        shared_passes.append(out is not None)
+        return out
+
+    trl_powerflow.prefix_sharing.shared_prefix_logps = recorded
+    return shared_passes
+
+
+def main(output_dir, per_device_batch_size, estimator, device="cpu", *flags):
+    shared_passes = _record_shared_passes()
     tokenizer = make_tokenizer()
     args = make_config(
         output_dir,
@@ -43,13 +60,14 @@ def main(output_dir, per_device_batch_size, estimator, device="cpu", resume=None
         alpha_step_size=0.5,
         log_z_init="zero",
         log_z_learning_rate=1e-2,
+        prefix_sharing="noshare" not in flags,
     )
     dataset = Dataset.from_dict({"prompt": ["p0", "p1", "p0 a", "p1 b", "a p0", "b p1"] * 4})
     trainer = PowerFlowTrainer(make_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
     # Greedy decoding, so that both runs see the same completions and only the training arithmetic is compared. The
     # configuration refuses it (no target can be learned from one completion per prompt): set on the trainer instead
     trainer.generation_config.do_sample = trainer.generation_kwargs["do_sample"] = False
-    trainer.train(resume_from_checkpoint=resume == "resume" or None)
+    trainer.train(resume_from_checkpoint="resume" in flags or None)
     # The engine the policy trained under: FSDP2 shards parameters as DTensors
     parameter = next(trainer.model_wrapped.parameters())
     engine = (
@@ -67,6 +85,8 @@ def main(output_dir, per_device_batch_size, estimator, device="cpu", resume=None
         f.write(engine)
     with open(os.path.join(output_dir, f"should_save_rank{rank}.txt"), "w") as f:
         f.write(str(trainer.args.should_save))
+    with open(os.path.join(output_dir, f"shared_passes_rank{rank}.json"), "w") as f:
+        json.dump(shared_passes, f)
     finish(trainer)  # as `trl-powerflow train` ends a run
 
 

@@ -135,13 +135,14 @@ def test_step_cost_tiny_case_end_to_end(capsys):
     verbosity = transformers.logging.get_verbosity()
     try:
         step_cost.main(
-            ["--case", "tiny", "--trainers", "powerflow,grpo-beta", "--rounds", "2", "--warmup", "1", "--profile",
-             "--no-save"]
+            ["--case", "tiny", "--trainers", "powerflow,grpo-beta,grpo-shared", "--rounds", "2", "--warmup", "1",
+             "--profile", "--no-save"]
         )  # fmt: skip
     finally:
         transformers.logging.set_verbosity(verbosity)  # main() quiets transformers for its report
     out = capsys.readouterr().out
     assert "Command: `python benchmarks/step_cost.py --case tiny --trainers powerflow,grpo-beta" in out
     assert "\n| PowerFlow | " in out and "\n| GRPO beta=0.04 | " in out
+    assert "\n| GRPO beta=0.04, prefix sharing | " in out
     assert "Step breakdown (median CPU seconds" in out and "\n| generation | " in out
     assert "### PowerFlow" in out and "Backbone forward calls per phase: " in out  # the profiled step

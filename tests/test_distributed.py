@@ -24,15 +24,16 @@ ACCELERATE_CONFIGS = os.path.join(os.path.dirname(trl.__file__), "accelerate_con
 
 
 def _run(
-    output_dir, num_processes, per_device_batch_size, estimator, device="cpu", launcher=None, resume=False, ok=True
-):
+    output_dir, num_processes, per_device_batch_size, estimator, device="cpu", launcher=None, resume=False, ok=True,
+    sharing=True,
+):  # fmt: skip
     """Launch `distributed_run.py`; with `ok`, assert that it succeeded."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if device != "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ""
     launcher = launcher or ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}"]
     command = [sys.executable, *launcher, SCRIPT, str(output_dir), str(per_device_batch_size), estimator, device]
-    command += ["resume"] if resume else []
+    command += (["resume"] if resume else []) + ([] if sharing else ["noshare"])
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0 or not ok, result.stderr[-3000:]
     return result
@@ -93,18 +94,34 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, on
     _same_run(one_process(estimator), tmp_path, estimator)
 
 
+def _shared_passes(run):
+    """Whether each scoring pass shared its prompts, the same on both processes (one decision for all)."""
+    rank0, rank1 = (json.loads((run / f"shared_passes_rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0 == rank1
+    return rank0
+
+
 # ZeRO-2 with the learned head is left out: on two CPU processes it drifts from the one-process run from its second
 # step on, where ZeRO-1, ZeRO-3 and ZeRO-2 on one process do not (README, "Several processes or GPUs")
-@pytest.mark.parametrize(
-    "engine, estimator", [("zero1", "learned"), ("zero2", "group"), ("zero3", "group"), ("zero3", "learned")]
-)
+@pytest.mark.parametrize("engine, estimator", [("zero1", "learned"), ("zero2", "group"), ("zero3", "learned")])
 def test_deepspeed_on_two_cpu_processes_matches_one_process(tmp_path, one_process, engine, estimator):
     pytest.importorskip("deepspeed")
-    result = _run(tmp_path, 2, 8, estimator, device="gloo", launcher=_accelerate(engine, 2))
+    _run(tmp_path, 2, 8, estimator, device="gloo", launcher=_accelerate(engine, 2))
     assert (tmp_path / "engine_rank0.txt").read_text().startswith("fsdp=False deepspeed=True processes=2")
-    if engine == "zero3":  # prompts are not shared there (the trainer says so once)
-        assert "Prefix sharing is off under DeepSpeed ZeRO-3 and FSDP" in result.stderr
+    assert any(_shared_passes(tmp_path))
     _same_run(one_process(estimator), tmp_path, estimator)
+
+
+def test_zero3_shares_prefixes_like_one_process_and_like_no_sharing(tmp_path, one_process):
+    # Each process's batch is worth sharing or not (a 1-token prompt has no prefix to share): they share only together
+    pytest.importorskip("deepspeed")
+    for sharing in (True, False):
+        _run(tmp_path / str(sharing), 2, 8, "group", device="gloo", launcher=_accelerate("zero3", 2), sharing=sharing)
+    shared_passes = _shared_passes(tmp_path / "True")
+    assert True in shared_passes and False in shared_passes
+    assert not any(_shared_passes(tmp_path / "False"))
+    _same_run(one_process("group"), tmp_path / "True", "group")
+    _same_run(tmp_path / "False", tmp_path / "True", "group")
 
 
 def test_zero3_resumes_from_its_checkpoint_like_the_uninterrupted_run(tmp_path, one_process):

@@ -1,17 +1,21 @@
 """
 Prefix sharing computes each prompt once per group and must change nothing: per-token log-probs, entropies and every
 parameter gradient agree with the unshared pass (TRL's), on left-padded prompts of different lengths, across
-architectures, with LoRA or full fine-tuning, with gradient checkpointing on or off.
+architectures, with LoRA or full fine-tuning, with gradient checkpointing on or off; for PowerFlowTrainer and for
+TRL's GRPOTrainer with `PrefixSharingMixin` (GRPO's loss, its reference pass and every gradient).
 """
 
 import pytest
 import torch
 import transformers
-from conftest import make_config, make_tokenizer
+from conftest import make_config, make_model, make_tokenizer
 from datasets import Dataset
 from peft import LoraConfig
 
-from trl_powerflow import PowerFlowTrainer
+from trl import GRPOConfig
+
+import trl_powerflow.prefix_sharing
+from trl_powerflow import PowerFlowTrainer, SharedPrefixGRPOTrainer
 from trl_powerflow.log_z import _decoder, captured_prompt_features
 from trl_powerflow.prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
 
@@ -167,7 +171,7 @@ def test_nothing_to_share_when_every_prompt_is_distinct_or_short(tmp_path):
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
 def test_training_with_and_without_sharing_is_the_same_run(tmp_path, monkeypatch, gradient_checkpointing):
     # LoRA, 2 prompts of different lengths x 4 samples, gradient accumulation over 2 micro-batches, 2 steps
-    import trl_powerflow.trainer
+    import trl_powerflow.prefix_sharing
 
     shared_passes = []
 
@@ -176,14 +180,14 @@ def test_training_with_and_without_sharing_is_the_same_run(tmp_path, monkeypatch
         shared_passes.append(out is not None)
         return out
 
-    monkeypatch.setattr(trl_powerflow.trainer, "shared_prefix_logps", counted)
+    monkeypatch.setattr(trl_powerflow.prefix_sharing, "shared_prefix_logps", counted)
     prefills = []
 
     def counted_generate(model, generate, **kwargs):
         prefills.append(kwargs["input_ids"].size(0))
         return generate_from_shared_prefill(model, generate, **kwargs)
 
-    monkeypatch.setattr(trl_powerflow.trainer, "generate_from_shared_prefill", counted_generate)
+    monkeypatch.setattr(trl_powerflow.prefix_sharing, "generate_from_shared_prefill", counted_generate)
     tokenizer = make_tokenizer()
     runs = {}
     for sharing in (True, False):
@@ -252,3 +256,96 @@ def test_log_z_prompt_features_are_read_off_the_pass_shared_or_not(
     # Rows of the same prompt share its features; different prompts do not
     assert torch.equal(expected["hidden"][0], expected["hidden"][3])
     assert not torch.allclose(expected["hidden"][0], expected["hidden"][1])
+
+
+def _count_shared_passes(monkeypatch):
+    """Every shared scoring pass and shared prefill, recorded as it happens: `True` when it shared."""
+    calls = {"scoring": [], "generation": []}
+
+    def scoring(*args, **kwargs):
+        out = shared_prefix_logps(*args, **kwargs)
+        calls["scoring"].append(out is not None)
+        return out
+
+    def generation(model, generate, **kwargs):
+        agree = kwargs.pop("agree")
+        return generate_from_shared_prefill(
+            model, generate, agree=lambda worth: calls["generation"].append(agree(worth)) or calls["generation"][-1],
+            **kwargs,
+        )  # fmt: skip
+
+    monkeypatch.setattr(trl_powerflow.prefix_sharing, "shared_prefix_logps", scoring)
+    monkeypatch.setattr(trl_powerflow.prefix_sharing, "generate_from_shared_prefill", generation)
+    return calls
+
+
+def completion_length_reward(completions, **kwargs):
+    return [float(len(completion)) for completion in completions]
+
+
+def grpo_config(output_dir, **overrides):
+    """`make_config`'s settings in a plain GRPOConfig (no `prefix_sharing` field): GRPO's default loss, beta > 0."""
+    settings = make_config(output_dir).to_dict()
+    kept = {name: settings[name] for name in ["use_cpu", "bf16", "report_to", "max_steps", "logging_steps", "seed"]}
+    kwargs = dict(kept, output_dir=str(output_dir), save_strategy="no", disable_tqdm=True, beta=0.1)
+    kwargs.update(per_device_train_batch_size=8, num_generations=4, max_completion_length=4, learning_rate=1e-2)
+    return GRPOConfig(**{**kwargs, **overrides})
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("lora,gradient_checkpointing", [(False, False), (True, True)])
+def test_grpo_loss_and_gradients_are_the_same_with_the_mixin(
+    tmp_path, monkeypatch, name, lora, gradient_checkpointing
+):
+    # One generation batch (shared prefill), its reference pass (beta > 0) and GRPO's loss with its policy pass,
+    # under the same seed with sharing on and off
+    calls = _count_shared_passes(monkeypatch)
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    # A path, not an object: GRPO loads its frozen reference (beta > 0, full fine-tuning) from it
+    transformers.AutoModelForCausalLM.from_config(_config(name, len(tokenizer))).save_pretrained(tmp_path / "model")
+    args = grpo_config(tmp_path, gradient_checkpointing=gradient_checkpointing)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
+    trainer = SharedPrefixGRPOTrainer(
+        str(tmp_path / "model"), completion_length_reward, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": ["p0 a b c", "p1"]}), peft_config=peft_config,
+    )  # fmt: skip
+    assert (trainer.ref_model is None) == lora  # under LoRA, the adapter-disabled model is the reference
+    trainer.model.train()
+    if gradient_checkpointing:
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prompts = [{"prompt": "p0 a b c"}] * 4 + [{"prompt": "p1 a"}] * 4
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's training loop
+    runs = {}
+    for sharing in (True, False):
+        trainer.prefix_sharing = sharing
+        torch.manual_seed(1)
+        batch = trainer._generate_and_score_completions(prompts)
+        trainer.model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        runs[sharing] = batch, loss.detach(), grads
+    assert calls == {"scoring": [True, True], "generation": [True]}  # reference and policy passes, one prefill
+    (shared, shared_loss, shared_grads), (unshared, unshared_loss, unshared_grads) = runs[True], runs[False]
+    assert torch.equal(shared["completion_ids"], unshared["completion_ids"])
+    assert unshared["advantages"].abs().sum() > 0
+    torch.testing.assert_close(shared["ref_per_token_logps"], unshared["ref_per_token_logps"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared_loss, unshared_loss, rtol=1e-5, atol=1e-6)
+    assert unshared_grads and sum(g.abs().sum() for g in unshared_grads.values()) > 0
+    for n, g in unshared_grads.items():  # 1e-5 relative to the largest entry: summation order differs
+        assert (shared_grads[n] - g).abs().max() <= 1e-5 * g.abs().max(), n
+
+
+def test_shared_prefix_grpo_trainer_trains(tmp_path, monkeypatch):
+    calls = _count_shared_passes(monkeypatch)
+    tokenizer = make_tokenizer()
+    trainer = SharedPrefixGRPOTrainer(
+        make_model(tokenizer), completion_length_reward, args=grpo_config(tmp_path, beta=0.0, max_steps=2),
+        processing_class=tokenizer, train_dataset=Dataset.from_dict({"prompt": ["p0 a b c", "p1 a"] * 4}),
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert calls["generation"] == [True, True] and calls["scoring"] == [True, True]  # one policy pass a step
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) == len(before)

@@ -12,7 +12,7 @@ from datasets import Dataset
 from packaging.version import Version
 from trl import GRPOTrainer
 
-from trl_powerflow import PowerFlowTrainer
+from trl_powerflow import PowerFlowTrainer, PrefixSharingMixin
 
 
 def _parameters(method):
@@ -28,7 +28,6 @@ PINNED = {
     "_generate_and_score_completions": ["self", "inputs"],
     "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
     "_compute_loss": ["self", "model", "inputs"],
-    "_get_per_token_logps_and_entropies": ["self", "model", "input_ids", "attention_mask", "logits_to_keep"],
     "_prepare_inputs": ["self", "generation_batch"],
     "_load_optimizer_and_scheduler": ["self", "checkpoint"],
     "_save_optimizer_and_scheduler": ["self", "output_dir"],
@@ -90,3 +89,33 @@ def test_the_cli_helpers_we_reuse_keep_their_behaviour():
 
     assert _subtract_subsequence(["--a", "1", "--n", "2", "--b"], ["--n", "2"]) == ["--a", "1", "--b"]
     assert resolve_accelerate_config_argument(["--num_processes", "2"]) == ["--num_processes", "2"]
+
+
+# PrefixSharingMixin: every GRPOTrainer method it overrides, with the parameters it relies on, and what it reads
+PREFIX_SHARING_PINNED = {
+    "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations"],
+    "_get_per_token_logps_and_entropies": [
+        "self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+    ],  # fmt: skip
+}
+
+
+def test_prefix_sharing_mixin_overrides_keep_their_signatures():
+    overrides = {name for name in vars(PrefixSharingMixin) if hasattr(GRPOTrainer, name) and not name.startswith("__")}
+    assert overrides == set(PREFIX_SHARING_PINNED)
+    for name, expected in PREFIX_SHARING_PINNED.items():
+        assert _parameters(getattr(GRPOTrainer, name))[: len(expected)] == expected, name
+    # Every other parameter of the scoring pass is an extra input (images, the MoE auxiliary loss), None or False by
+    # default: the mixin hands a pass that sets one to GRPO's
+    extra = _parameters(GRPOTrainer._get_per_token_logps_and_entropies)[7:]
+    defaults = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
+    assert extra and all(defaults[name].default in (None, False) for name in extra)
+    # transformers' generate runs through the unwrapped model's `generate` attribute, which the mixin wraps for the
+    # call; the attributes it reads are set by GRPOTrainer
+    generate = inspect.getsource(GRPOTrainer._generate_single_turn)
+    assert "unwrapped_model.generate(\n" in generate and "generation_config=self.generation_config" in generate
+    init = inspect.getsource(GRPOTrainer.__init__)
+    for attribute in ["self.use_vllm =", "self.use_transformers_continuous_batching =", "self._is_vlm ="]:
+        assert attribute in init, attribute
+    # The scoring passes go through the fused log-prob head, which takes pre-shifted labels
+    assert "fused_lm_head=True" in inspect.getsource(GRPOTrainer._get_per_token_logps_and_entropies)

@@ -11,6 +11,7 @@ from .callbacks import CollapseGuardCallback  # noqa: E402
 from .config import PowerFlowConfig  # noqa: E402
 from .log_z import LogZ  # noqa: E402
 from .objective import PowerFlowLossOutput, powerflow_loss  # noqa: E402
+from .prefix_sharing import PrefixSharingMixin, SharedPrefixGRPOTrainer  # noqa: E402
 from .trainer import PowerFlowTrainer  # noqa: E402
 
 
@@ -21,5 +22,7 @@ __all__ = [
     "PowerFlowConfig",
     "PowerFlowLossOutput",
     "PowerFlowTrainer",
+    "PrefixSharingMixin",
+    "SharedPrefixGRPOTrainer",
     "powerflow_loss",
 ]

@@ -67,9 +67,10 @@ class PowerFlowConfig(GRPOConfig):
             (at the start the residual is dominated by `(1 - alpha) * mean base log-prob`, many nats). `"zero"`: start
             at 0.
         prefix_sharing (`bool`, *optional*, defaults to `True`):
-            Compute each prompt once for all of its samples in a batch, in the base model's pass and in the policy's
-            (with gradients); the log-probabilities and gradients are those of the unshared pass. `False` runs GRPO's
-            pass, which repeats the prompt for every sample (for comparisons).
+            Compute each prompt once for all of its samples in a batch, in generation, in the base model's pass and
+            in the policy's (with gradients); the log-probabilities and gradients are those of the unshared pass. Off
+            by itself, with one log line, where it cannot be exact (see [`PrefixSharingMixin`]). `False` runs GRPO's
+            passes, which repeat the prompt for every sample (for comparisons).
         epsilon (`float`, *optional*, defaults to `0.2`):
             Lower clipping bound of the sequence-level importance weight: `w >= 1 - epsilon`.
         epsilon_high (`float`, *optional*, defaults to `0.28`):

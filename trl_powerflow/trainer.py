@@ -23,7 +23,7 @@ from .data_checks import VLM_ERROR, check_inputs
 from .groups import prompt_groups, shuffle_groups
 from .log_z import LOG_Z_FILE, LogZ, LogZOptimizerCallback, captured_prompt_features, prompt_feature_size
 from .objective import group_mean, powerflow_loss
-from .prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
+from .prefix_sharing import PrefixSharingMixin
 from .run_guard import (
     ResumeRefusedError,
     check_run_identity,
@@ -48,7 +48,7 @@ logger = logging.get_logger(__name__)
 _MAX_NON_FINITE_BATCHES = 8
 
 
-class PowerFlowTrainer(GRPOTrainer):
+class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
     """
     Trainer for PowerFlow ([arXiv 2603.18363](https://arxiv.org/abs/2603.18363)): unsupervised fine-tuning that
     trains the model to sample from `p_base(y|x)^alpha`, the α-power of its own base distribution.
@@ -64,8 +64,8 @@ class PowerFlowTrainer(GRPOTrainer):
     - log Z'(x) comes from each prompt's group of samples (the default), so a generation batch is shuffled by whole
       prompt groups (`_prepare_inputs`); or from a learned head owned by the trainer (its own optimizer at a
       constant learning rate, saved with every checkpoint as `log_z.safetensors`);
-    - prefix sharing (`_generate_single_turn`, `_get_per_token_logps_and_entropies`): each prompt is computed once for
-      all of its samples, in generation and in both scoring passes;
+    - prefix sharing ([`PrefixSharingMixin`]): each prompt is computed once for all of its samples, in generation and
+      in both scoring passes;
     - with `num_iterations > 1`, the old policy's log-probs come from the first optimisation pass, not an extra
       forward.
 
@@ -237,63 +237,6 @@ class PowerFlowTrainer(GRPOTrainer):
         if totals[1] > 0:  # no completion long enough to hold a repeated n-gram: nothing to report
             self._metrics[mode]["powerflow/repeated_ngram_rate"].append((totals[0] / totals[1]).item())
         return output
-
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
-        # transformers' generate: each distinct prompt prefilled once (see `prefix_sharing.py`). vLLM caches prefixes
-        # itself; transformers' continuous batching has its own cache.
-        model = self.accelerator.unwrap_model(self.model)
-        share = self._shares_prefixes() and not self.use_vllm and not self.args.use_transformers_continuous_batching
-        if share:
-            model.generate = partial(generate_from_shared_prefill, model, type(model).generate.__get__(model))
-        try:
-            return super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
-            )
-        finally:
-            if share:
-                del model.generate
-
-    def _shares_prefixes(self) -> bool:
-        """`prefix_sharing`, except under ZeRO-3 and FSDP."""
-        if not self.args.prefix_sharing:
-            return False
-        # Under ZeRO-3 and FSDP every model call gathers weights in collectives that all processes must make alike,
-        # but each process decides for itself whether its batch is worth sharing (one call more or less: a hang); and
-        # ZeRO-3 frees a layer's gathered weights after each call, which the suffix pass's backward still needs
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if zero3 or self.is_fsdp_enabled:
-            logger.warning_once("Prefix sharing is off under DeepSpeed ZeRO-3 and FSDP: GRPO's passes are used.")
-            return False
-        return True
-
-    def _get_per_token_logps_and_entropies(
-        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs
-    ):
-        # Every pass (the base model's, the policy's) comes through here: with prefix sharing, each chunk of rows
-        # computes each of its prompts once (see `prefix_sharing.py`)
-        uses_more_inputs = any(value is not None and value is not False for value in kwargs.values())
-        shares_prefixes = self._shares_prefixes()
-        if not shares_prefixes or uses_more_inputs:
-            if shares_prefixes:
-                logger.warning_once(f"Prefix sharing is off for passes with {sorted(kwargs)}: GRPO's pass is used.")
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
-            )
-        batch_size = batch_size or input_ids.size(0)
-        logps, entropies = [], []
-        for start in range(0, input_ids.size(0), batch_size):
-            ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-            with self.accelerator.autocast():
-                out = shared_prefix_logps(
-                    model, self.accelerator.unwrap_model(model), ids, mask, logits_to_keep, compute_entropy
-                )
-            if out is None:  # distinct or short prompts: nothing worth sharing
-                out = super()._get_per_token_logps_and_entropies(
-                    model, ids, mask, logits_to_keep, compute_entropy=compute_entropy
-                )[:2]
-            logps.append(out[0])
-            entropies.append(out[1])
-        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
     def _compute_loss(self, model, inputs):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]

@@ -12,6 +12,7 @@ from benchmarks.harness.timers import (
     StepRecorder,
     TimedGRPOTrainer,
     TimedPowerFlowTrainer,
+    TimedSharedPrefixGRPOTrainer,
     TimedTRLOldLogpsPowerFlowTrainer,
     wrap_backward,
 )
@@ -64,8 +65,8 @@ def build_trainers(specs, args, root, device):
 
 def build_trainer(spec, args, path, tokenizer, dataset, root, device):
     """One timed trainer: `spec` is powerflow, powerflow-noshare (prefix_sharing=False), powerflow-ni<N>
-    (num_iterations N), powerflow-ni<N>-trl-old (the old policy's log-probs from TRL's extra forward), grpo-beta or
-    grpo-nobeta."""
+    (num_iterations N), powerflow-ni<N>-trl-old (the old policy's log-probs from TRL's extra forward), grpo-beta,
+    grpo-nobeta or grpo-shared (GRPOTrainer with PrefixSharingMixin, beta as grpo-beta's)."""
     from peft import LoraConfig
 
     name = spec
@@ -107,9 +108,10 @@ def build_trainer(spec, args, path, tokenizer, dataset, root, device):
     if spec == "powerflow":
         cls = TimedTRLOldLogpsPowerFlowTrainer if trl_old else TimedPowerFlowTrainer
         trainer = cls(path, args=PowerFlowConfig(prefix_sharing=prefix_sharing, **common), **kwargs)
-    elif spec in ("grpo-beta", "grpo-nobeta"):
-        beta = args.beta if spec == "grpo-beta" else 0.0
-        trainer = TimedGRPOTrainer(path, reward_funcs=constant_reward, args=GRPOConfig(beta=beta, **common), **kwargs)
+    elif spec in ("grpo-beta", "grpo-nobeta", "grpo-shared"):
+        beta = 0.0 if spec == "grpo-nobeta" else args.beta
+        cls = TimedSharedPrefixGRPOTrainer if spec == "grpo-shared" else TimedGRPOTrainer
+        trainer = cls(path, reward_funcs=constant_reward, args=GRPOConfig(beta=beta, **common), **kwargs)
     else:
         raise ValueError(f"unknown trainer {spec!r}")
     if args.force_length:

@@ -162,6 +162,7 @@ def label(spec, args):
         "powerflow-ni2-trl-old": "PowerFlow ni=2, old log-probs from TRL's extra forward",
         "grpo-beta": f"GRPO beta={args.beta}",
         "grpo-nobeta": "GRPO beta=0",
+        "grpo-shared": f"GRPO beta={args.beta}, prefix sharing",
     }.get(spec, spec)
 
 

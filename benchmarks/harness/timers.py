@@ -8,7 +8,7 @@ import time
 import torch
 from trl import GRPOTrainer
 
-from trl_powerflow import PowerFlowTrainer
+from trl_powerflow import PowerFlowTrainer, SharedPrefixGRPOTrainer
 
 
 class StepRecorder:
@@ -99,6 +99,10 @@ class TimedTRLOldLogpsPowerFlowTrainer(TimedMixin, TRLOldLogpsMixin, PowerFlowTr
 
 
 class TimedGRPOTrainer(TimedMixin, GRPOTrainer):
+    pass
+
+
+class TimedSharedPrefixGRPOTrainer(TimedMixin, SharedPrefixGRPOTrainer):
     pass
 
 
