@@ -19,6 +19,7 @@ from .groups import prompt_groups, shuffle_groups
 from .log_z import LOG_Z_FILE, LogZ, LogZOptimizerCallback, captured_prompt_features, prompt_feature_size
 from .objective import group_mean, powerflow_loss
 from .prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
+from .rewards import checked_reward_func
 from .trl_seams import (
     VLM_ERROR,
     attribute_set_to,
@@ -32,6 +33,19 @@ from .trl_seams import (
 logger = logging.get_logger(__name__)
 
 _MAX_NON_FINITE_BATCHES = 8
+# What a vision-language model's passes take besides the tokens (GRPO's `_compute_loss` passes the same)
+_MULTIMODAL_INPUTS = [
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+]
 
 
 class PowerFlowTrainer(GRPOTrainer):
@@ -106,14 +120,15 @@ class PowerFlowTrainer(GRPOTrainer):
 
         # TRL builds the reference and computes `ref_per_token_logps` only when beta != 0. PowerFlow always needs
         # them, as the base log-probs of its target; beta is a switch here, never a coefficient (no KL term).
-        # GRPO refuses to start without a reward source; PowerFlow needs none, so hand it a placeholder and drop it
-        unsupervised = not reward_funcs and kwargs.get("environment_factory") is None
+        # GRPO refuses to start without a reward source; PowerFlow needs none, so hand it a placeholder and drop it,
+        # keeping the reward an environment owns (its `get_reward`, which GRPO appends after the given functions)
+        placeholder = not reward_funcs
         with attribute_set_to(args, "beta", 0.0 if in_memory_base is not None else 1.0):
-            super().__init__(model, [no_reward] if unsupervised else reward_funcs, args=args, **kwargs)
+            super().__init__(model, [no_reward] if placeholder else reward_funcs, args=args, **kwargs)
         self.beta = 1.0
-        if unsupervised:
-            self.reward_funcs, self.reward_func_names, self.reward_processing_classes = [], [], []
-            self.reward_weights = torch.ones(0)
+        if placeholder:
+            del self.reward_funcs[0], self.reward_func_names[0], self.reward_processing_classes[0]
+            self.reward_weights = self.reward_weights[1:]
         if in_memory_base is not None:
             self.ref_model = prepare_in_memory_base(self, in_memory_base)
         if self._is_vlm:  # a processor loaded by TRL from the model (one passed in is refused in `check_inputs`)
@@ -175,15 +190,21 @@ class PowerFlowTrainer(GRPOTrainer):
         device = self.accelerator.device
         if not self.reward_funcs:  # fully unsupervised: skip GRPO's "every reward function returned None" warning
             return torch.zeros(len(prompts) * self.accelerator.num_processes, 0, device=device)
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        is_missing = ~torch.isfinite(rewards_per_func)
-        if is_missing.any():
-            func_index = is_missing.any(dim=0).nonzero()[0].item()
-            raise ValueError(
-                f"The reward function '{self.reward_func_names[func_index]}' returned None, NaN or inf for "
-                f"{is_missing[:, func_index].sum().item()} completion(s). PowerFlow adds the weighted rewards to the "
-                "target as ψ(y), so every reward function must return a finite number for every completion."
-            )
+        # Each function's output is checked where it is returned, so that a bad value names its function; GRPO turns
+        # None into NaN (the function does not apply to that sample) and warns when every function returned None
+        checked = [
+            func if isinstance(func, torch.nn.Module) else checked_reward_func(func, name, len(prompts))
+            for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)
+        ]
+        with attribute_set_to(self, "reward_funcs", checked):
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # A reward model returns no None: a NaN or inf there is a fault, not a sample it does not apply to
+        for index, func in enumerate(self.reward_funcs):
+            if isinstance(func, torch.nn.Module) and not torch.isfinite(rewards_per_func[:, index]).all():
+                raise ValueError(
+                    f"The reward model '{self.reward_func_names[index]}' returned NaN or inf. PowerFlow adds the "
+                    "weighted rewards to the target as ψ(y): every reward must be a finite number (or None)."
+                )
         # Gathered across processes; `_generate_and_score_completions` turns it into ψ
         self._rewards_per_func = rewards_per_func
         return rewards_per_func
@@ -205,7 +226,8 @@ class PowerFlowTrainer(GRPOTrainer):
         if self.reward_funcs:
             # GRPO turns the rewards into advantages, which PowerFlow does not use: keep their weighted sum ψ(y)
             rewards_per_func = self._rewards_per_func
-            psi = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).sum(dim=1)
+            # ψ sums the functions that apply to a sample (GRPO's nansum): a sample none applies to gets ψ = 0
+            psi = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
             num_local = output["completion_ids"].size(0)
             start = self.accelerator.process_index * num_local
             output["psi"] = psi[start : start + num_local]
@@ -254,11 +276,12 @@ class PowerFlowTrainer(GRPOTrainer):
     ):
         # Every pass (the base model's, the policy's) comes through here: with prefix sharing, each chunk of rows
         # computes each of its prompts once (see `prefix_sharing.py`)
-        uses_more_inputs = any(value is not None and value is not False for value in kwargs.values())
+        # Image inputs and a MoE router's auxiliary loss (`compute_aux_loss`) take GRPO's pass
+        more_inputs = sorted(name for name, value in kwargs.items() if value is not None and value is not False)
         shares_prefixes = self._shares_prefixes()
-        if not shares_prefixes or uses_more_inputs:
+        if not shares_prefixes or more_inputs:
             if shares_prefixes:
-                logger.warning_once(f"Prefix sharing is off for passes with {sorted(kwargs)}: GRPO's pass is used.")
+                logger.warning_once(f"Prefix sharing is off for passes with {more_inputs}: GRPO's pass is used.")
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
             )
@@ -289,8 +312,14 @@ class PowerFlowTrainer(GRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         capture = captured_prompt_features(unwrapped, feature, prompt_ids, prompt_mask) if feature else None
         with capture or _no_features(prompt_ids) as prompt_features:
-            policy_logps, entropies, _ = self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True
+            policy_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                completion_ids.size(1),
+                compute_entropy=True,
+                compute_aux_loss=self.aux_loss_enabled,
+                **{key: inputs.get(key) for key in _MULTIMODAL_INPUTS},
             )
         objective = partial(
             powerflow_loss,
@@ -317,6 +346,10 @@ class PowerFlowTrainer(GRPOTrainer):
             loss = out.loss.sum() / inputs["sequences_in_step"].clamp(min=1)
         else:
             loss = out.loss.sum() / out.valid.sum().clamp(min=1)
+        if self.aux_loss_enabled:  # a MoE router's load-balancing loss, added and logged as GRPO does
+            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_metrics(out, entropies, mask, groups, mode)
         return loss
 

@@ -1,0 +1,58 @@
+"""Reward functions as PowerFlow reads them: ψ(y), a sequence-level term inside the α bracket of the target."""
+
+import math
+import numbers
+
+import torch
+from trl.trainer.utils import is_async_callable
+
+
+def check_rewards(rewards, name: str, num_completions: int) -> list:
+    """
+    `rewards` as a list of `num_completions` values, each a finite number or None (the function does not apply to
+    that completion); anything else is an error that names the function and what it returned.
+    """
+    if isinstance(rewards, torch.Tensor):
+        rewards = rewards.tolist() if rewards.ndim == 1 else rewards
+    if isinstance(rewards, (str, bytes)) or not isinstance(rewards, (list, tuple)):
+        raise TypeError(
+            f"The reward function '{name}' returned {type(rewards).__name__} {rewards!r:.80}; it must return a list "
+            f"of {num_completions} rewards, one per completion (a number, or None where it does not apply)."
+        )
+    if len(rewards) != num_completions:
+        raise ValueError(
+            f"The reward function '{name}' returned {len(rewards)} rewards for {num_completions} completions; it "
+            "must return one reward per completion (a number, or None where it does not apply)."
+        )
+    for index, reward in enumerate(rewards):
+        if reward is None:
+            continue
+        if isinstance(reward, torch.Tensor) and reward.numel() == 1:
+            reward = reward.item()
+        if isinstance(reward, bool) or not isinstance(reward, numbers.Real):
+            raise TypeError(
+                f"The reward function '{name}' returned {reward!r:.80} ({type(reward).__name__}) for completion "
+                f"{index}; a reward must be a number, or None where the function does not apply."
+            )
+        if not math.isfinite(reward):
+            raise ValueError(
+                f"The reward function '{name}' returned {reward} for completion {index}. PowerFlow adds the weighted "
+                "rewards to the target as ψ(y): a reward must be finite (return None where the function does not "
+                "apply)."
+            )
+    return list(rewards)
+
+
+def checked_reward_func(func, name: str, num_completions: int):
+    """`func` with its output checked by [`check_rewards`]; async if `func` is."""
+    if is_async_callable(func):
+
+        async def checked_async(*args, **kwargs):
+            return check_rewards(await func(*args, **kwargs), name, num_completions)
+
+        return checked_async
+
+    def checked(*args, **kwargs):
+        return check_rewards(func(*args, **kwargs), name, num_completions)
+
+    return checked
