@@ -110,7 +110,7 @@ class PowerFlowTrainer(GRPOTrainer):
                 f"`args` must be a `PowerFlowConfig`, got `{type(args).__name__}`. Replace `GRPOConfig(...)` by "
                 "`PowerFlowConfig(...)`: it accepts every GRPOConfig argument."
             )
-        check_inputs(kwargs.get("train_dataset"), kwargs.get("processing_class"))
+        check_inputs(kwargs.get("train_dataset"), kwargs.get("processing_class"), kwargs.get("environment_factory"))
 
         # TRL rebuilds a full fine-tuning reference from `config._name_or_path`, which a model passed as an object may
         # lack or no longer match: freeze a copy of the object itself instead.

@@ -86,16 +86,19 @@ VLM_ERROR = (
 )
 
 
-def check_inputs(dataset, processing_class):
+def check_inputs(dataset, processing_class, environment_factory=None):
     """Fail before any model is loaded on inputs GRPO would only reject at the first step (or not at all)."""
     if isinstance(processing_class, ProcessorMixin):
         raise ValueError(VLM_ERROR)
     if not isinstance(dataset, Dataset):
         return
     if "prompt" not in dataset.column_names:
+        if environment_factory is not None:  # the environments own the data: their `reset()` returns the prompts
+            return
         raise ValueError(
             f"The training dataset has no 'prompt' column (columns: {dataset.column_names}). Rename the column that "
-            "holds the prompts with `dataset.rename_column(..., 'prompt')`."
+            "holds the prompts with `dataset.rename_column(..., 'prompt')`, or pass an `environment_factory` whose "
+            "environments return the prompts from `reset()`."
         )
     if len(dataset) == 0:
         raise ValueError("The training dataset is empty: PowerFlow needs prompts to sample completions from.")
