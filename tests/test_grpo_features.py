@@ -395,3 +395,34 @@ def test_a_dataset_without_prompts_is_still_refused_without_environments(tmp_pat
     with pytest.raises(ValueError, match="no 'prompt' column.*environment_factory"):
         PowerFlowTrainer(make_model(tokenizer), args=make_config(tmp_path), train_dataset=dataset,
                          processing_class=tokenizer)
+
+
+# mask_truncated_completions: a truncated completion is out of the loss, and out of its group's log Z
+
+
+def test_truncated_completions_are_left_out_of_the_loss_and_of_the_group_estimate(tmp_path, tokenizer):
+    alpha = 3.0
+    args = make_config(tmp_path, max_completion_length=2, max_steps=1, mask_truncated_completions=True, alpha=alpha)
+    trainer = PowerFlowTrainer(make_model(tokenizer), args=args, train_dataset=_dataset(), processing_class=tokenizer)
+    batches = _spy_psi(trainer)
+    trainer.train()
+    batch = batches[0]
+    ids, mask = batch["completion_ids"], batch["completion_mask"]
+    # GRPO's rule: a completion is finished when its last token is EOS or the pad token (a token like any other in
+    # this vocabulary); a width-2 batch holds every length, each finished one ending in EOS then padding, or in either
+    assert ids.size(1) == 2
+    finished = torch.isin(ids[:, -1], torch.tensor([tokenizer.eos_token_id, tokenizer.pad_token_id]))
+    assert 0 < finished.sum() < len(finished)  # both kinds in the batch
+    assert (mask.sum(1) > 0).tolist() == finished.tolist()
+    # On-policy at the first step the policy is the base: t = α·(1/|y|) log p − (1/|y|) log π = (α − 1)·mean log p.
+    # The loss is the mean over finished sequences of (t − mean of t over the finished ones of its prompt)²
+    base_mean = (batch["ref_per_token_logps"] * mask).sum(1) / mask.sum(1).clamp(min=1)
+    target = (alpha - 1) * base_mean
+    prompts = batch["prompt_ids"][:, -2].tolist()  # "p0 a" and "p1 b" differ in their first token
+    squares = []
+    for i in finished.nonzero().flatten().tolist():
+        group = [j for j in finished.nonzero().flatten().tolist() if prompts[j] == prompts[i]]
+        squares.append((target[i] - target[group].mean()) ** 2)
+    log = _logs(trainer)[0]
+    assert log["loss"] == pytest.approx(torch.stack(squares).mean().item(), rel=1e-4)
+    assert log["powerflow/completion_length"] == pytest.approx(mask.sum(1)[finished].float().mean().item())
