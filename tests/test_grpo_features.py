@@ -4,6 +4,7 @@ and environments, `rollout_func`, `mask_truncated_completions`. Tiny models buil
 """
 
 import logging
+from functools import partial
 
 import pytest
 import torch
@@ -426,3 +427,44 @@ def test_truncated_completions_are_left_out_of_the_loss_and_of_the_group_estimat
     log = _logs(trainer)[0]
     assert log["loss"] == pytest.approx(torch.stack(squares).mean().item(), rel=1e-4)
     assert log["powerflow/completion_length"] == pytest.approx(mask.sum(1)[finished].float().mean().item())
+
+
+# rollout_func: the user's own rollouts are samples like any other (trajectory balance is off-policy valid)
+
+
+def test_rollout_func_trains_on_its_rollouts_with_environment_tokens_masked(tmp_path, tokenizer):
+    env_token = tokenizer.convert_tokens_to_ids("c")
+    calls = []
+
+    def rollout_func(prompts, trainer):
+        # One model token, an environment's token (masked out with `env_mask`), one more model token
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+        input_ids = torch.tensor(prompt_ids)  # the toy prompts have equal lengths
+        sample = partial(model.generate, do_sample=True, max_new_tokens=1, min_new_tokens=1)
+        first = sample(input_ids=input_ids)
+        second = sample(input_ids=torch.cat([first, torch.full((len(prompts), 1), env_token)], dim=1))
+        completion_ids = second[:, input_ids.size(1) :].tolist()
+        calls.append(len(prompts))
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": completion_ids,
+            "logprobs": [[0.0] * 3 for _ in prompts],  # the sampler's log-probs: PowerFlow does not read them
+            "env_mask": [[1, 0, 1] for _ in prompts],
+        }
+
+    model = make_model(tokenizer)
+    args = make_config(tmp_path, max_steps=2)
+    trainer = PowerFlowTrainer(
+        model, args=args, train_dataset=_dataset(), processing_class=tokenizer, rollout_func=rollout_func
+    )
+    batches = _spy_psi(trainer)
+    before = _snapshot(model)
+    trainer.train()
+    _assert_moved(before, model)
+    assert calls == [8, 8]
+    batch = batches[0]
+    assert (batch["completion_ids"][:, 1] == env_token).all()
+    assert batch["tool_mask"].tolist() == [[1, 0, 1]] * 8
+    for log in _logs(trainer):
+        assert log["powerflow/completion_length"] == 2.0  # the environment's token is not the model's
