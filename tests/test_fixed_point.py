@@ -98,7 +98,7 @@ def test_group_estimate_with_psi_and_importance_weights_reaches_the_exact_fixed_
 
 
 def _best_tilt(policy, base_logps, lengths, alpha):
-    """The member of the family p^α e^{−λ|y|} (renormalised) closest in TV to `policy`, by a grid over λ, and its TV."""
+    """The member of the family p^α e^{−λ|y|} (renormalised) closest in TV to `policy` (a grid over λ), and its TV."""
     tilts = torch.linspace(-5.0, 5.0, 2001)
     family = torch.softmax(alpha * base_logps - tilts[:, None] * lengths, dim=1)
     tv = 0.5 * (family - policy).abs().sum(1)
@@ -108,10 +108,11 @@ def _best_tilt(policy, base_logps, lengths, alpha):
 @pytest.mark.parametrize("length_normalization", [True, False])
 def test_masked_truncations_reach_the_target_restricted_to_finished_sequences(tmp_path, length_normalization):
     # With `mask_truncated_completions`, a completion cut at max length is left out of the loss (and of its group's
-    # log Z). The loss then sees only finished sequences: at its fixed point the policy restricted to them (renormalised)
-    # is the target restricted to them, and the mass of truncated sequences is unconstrained. Trajectory TB: p^α,
-    # renormalised over finished sequences, unique. Length-aware TB: p^α e^{−λ|y|} for some λ, which no longer has to
-    # normalise the whole distribution (the truncated mass absorbs it): a one-parameter family, fitted here.
+    # log Z). The loss then sees only finished sequences: at its fixed point the policy restricted to them
+    # (renormalised) is the target restricted to them, and the mass of truncated sequences is unconstrained.
+    # Trajectory TB: p^α, renormalised over finished sequences, unique. Length-aware TB: p^α e^{−λ|y|} for some λ,
+    # which no longer has to normalise the whole distribution (the truncated mass absorbs it): a one-parameter
+    # family, fitted here.
     alpha = 2.0
     tokenizer = make_tokenizer(TOY_WORDS)
     model = toy_base_model(tokenizer)
@@ -121,8 +122,13 @@ def test_masked_truncations_reach_the_target_restricted_to_finished_sequences(tm
     prompt_ids = {p: tokenizer(p)["input_ids"] for p in TOY_PROMPTS}
     base = {p: sequence_log_probs(model, ids, completions)[finished] for p, ids in prompt_ids.items()}
     trainer = toy_trainer(
-        tmp_path, model, tokenizer, alpha=alpha, length_normalization=length_normalization,
-        mask_truncated_completions=True, log_z_estimator="group",
+        tmp_path,
+        model,
+        tokenizer,
+        alpha=alpha,
+        length_normalization=length_normalization,
+        mask_truncated_completions=True,
+        log_z_estimator="group",
     )
     trainer.train()
 
@@ -135,6 +141,6 @@ def test_masked_truncations_reach_the_target_restricted_to_finished_sequences(tm
         else:
             tilt, own = 0.0, total_variation(policy, torch.softmax(alpha * base[prompt], dim=0))
             other = total_variation(policy, torch.softmax(base[prompt], dim=0))
-        print(f"length_normalization={length_normalization} {prompt}: TV {own:.4f} (λ {tilt:.3f}), to the base {other:.4f}")
+        print(f"length_normalization={length_normalization} {prompt}: TV {own:.4f} (λ {tilt:.3f}), base {other:.4f}")
         assert own <= 0.05
         assert other >= 2 * own

@@ -370,9 +370,14 @@ def test_environment_owned_data_and_reward(tmp_path, factory):
     if factory == "dict":  # a dataset whose only column routes each row to its environment
         dataset, environment_factory = Dataset.from_dict({"environment": ["calc"] * 3}), {"calc": _Calculator}
     else:
-        dataset, environment_factory = Dataset.from_dict({"prompt": [[{"role": "user", "content": ""}]] * 3}), _Calculator
+        dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": ""}]] * 3})
+        environment_factory = _Calculator
     args = make_config(
-        tmp_path, per_device_train_batch_size=3, num_generations=3, max_completion_length=128, max_steps=1,
+        tmp_path,
+        per_device_train_batch_size=3,
+        num_generations=3,
+        max_completion_length=128,
+        max_steps=1,
         prefix_sharing=False,
     )
     trainer = PowerFlowTrainer(
@@ -394,8 +399,9 @@ def test_environment_owned_data_and_reward(tmp_path, factory):
 def test_a_dataset_without_prompts_is_still_refused_without_environments(tmp_path, tokenizer):
     dataset = Dataset.from_dict({"environment": ["calc"] * 3})
     with pytest.raises(ValueError, match="no 'prompt' column.*environment_factory"):
-        PowerFlowTrainer(make_model(tokenizer), args=make_config(tmp_path), train_dataset=dataset,
-                         processing_class=tokenizer)
+        PowerFlowTrainer(
+            make_model(tokenizer), args=make_config(tmp_path), train_dataset=dataset, processing_class=tokenizer
+        )
 
 
 # mask_truncated_completions: a truncated completion is out of the loss, and out of its group's log Z
