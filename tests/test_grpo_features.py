@@ -194,23 +194,29 @@ def test_a_sample_no_reward_function_applies_to_gets_psi_zero_and_grpos_warning(
 # Tools and environments: tool outputs are context, not the model's tokens
 
 
-def _chat_tokenizer():
-    """A byte-level tokenizer (any text encodes) with Qwen3's chat template and special tokens: tool calls parse."""
+def _byte_tokenizer(eos_token, pad_token, special_tokens, chat_template):
+    """A byte-level tokenizer (any text encodes, no merges) with the given special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    from trl.chat_template_utils import qwen3_chat_template
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left"
+        tokenizer_object=backend, eos_token=eos_token, pad_token=pad_token, padding_side="left"
     )
-    special = ["<|im_start|>", "<tool_call>", "</tool_call>", "<think>", "</think>"]
-    tokenizer.add_special_tokens({"additional_special_tokens": special})
-    tokenizer.chat_template = qwen3_chat_template
+    tokenizer.add_special_tokens({"additional_special_tokens": special_tokens})
+    tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def _chat_tokenizer():
+    """Qwen3's chat template and special tokens: tool calls parse."""
+    from trl.chat_template_utils import qwen3_chat_template
+
+    special = ["<|im_start|>", "<tool_call>", "</tool_call>", "<think>", "</think>"]
+    return _byte_tokenizer("<|im_end|>", "<|endoftext|>", special, qwen3_chat_template)
 
 
 def _chat_model(tokenizer):
@@ -474,3 +480,100 @@ def test_rollout_func_trains_on_its_rollouts_with_environment_tokens_masked(tmp_
     assert batch["tool_mask"].tolist() == [[1, 0, 1]] * 8
     for log in _logs(trainer):
         assert log["powerflow/completion_length"] == 2.0  # the environment's token is not the model's
+
+
+# Vision-language models: both passes see the images
+
+
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def _llava(tokenizer):
+    """A tiny LLaVA (CLIP vision tower, Llama text model) and its processor, built offline."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" feature selection
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_TEMPLATE,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
+def test_a_vision_language_model_trains_with_the_images_in_both_passes(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    tokenizer = _byte_tokenizer("<eos>", "<pad>", ["<image>"], LLAVA_TEMPLATE)
+    model, processor = _llava(tokenizer)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)) for _ in range(2)]
+    prompt = [{"role": "user", "content": "What is this?"}]
+    dataset = Dataset.from_dict({"prompt": [prompt] * 4, "image": images * 2})
+    args = make_config(tmp_path, per_device_train_batch_size=4, num_generations=2, max_completion_length=4)
+    trainer = PowerFlowTrainer(model, args=args, train_dataset=dataset, processing_class=processor)
+    assert trainer._is_vlm and not trainer.args.prefix_sharing  # turned off for vision-language models
+    batches = _spy_psi(trainer)
+    before = _snapshot(model)
+    trainer.train()
+    vision_layers = [name for name, _ in model.named_parameters() if "vision_tower.vision_model.encoder" in name]
+    _assert_moved(before, model, vision_layers)  # the images reach the policy pass: the vision tower learns
+    # At the first step the policy is the base: if either pass dropped the images, their log-probs would differ
+    first = _logs(trainer)[0]
+    assert first["powerflow/policy_logp"] == pytest.approx(first["powerflow/base_logp"], abs=1e-5)
+    # and the base log-probs are those of a pass with the images, not without
+    batch = batches[0]
+    base = trainer.ref_model
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    width, mask = batch["completion_ids"].size(1), batch["completion_mask"].bool()
+
+    @torch.no_grad()
+    def logps(**images):
+        logits = base(input_ids=input_ids, attention_mask=attention_mask, **images).logits[:, -width - 1 : -1]
+        return torch.log_softmax(logits.float(), -1).gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+
+    with_images = logps(pixel_values=batch["pixel_values"])
+    torch.testing.assert_close(batch["ref_per_token_logps"][mask], with_images[mask], atol=1e-4, rtol=1e-4)
+    # (without the images, the image tokens are read as plain tokens: other log-probs)
+    assert not torch.allclose(with_images[mask], logps()[mask], atol=1e-3)

@@ -677,17 +677,6 @@ def test_alpha_warmup_is_linear_from_one_to_alpha(tmp_path, tokenizer):
         make_config(tmp_path, alpha_warmup_steps=-1)
 
 
-def test_a_vision_language_processor_is_refused_before_loading(tmp_path, tokenizer):
-    # The policy pass would score completions without the images the base pass saw: refuse, do not train wrong
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer, patch_size=14)
-    with pytest.raises(ValueError, match="vision-language"):
-        PowerFlowTrainer(
-            model="no/such-model", args=make_config(tmp_path), train_dataset=_dataset(), processing_class=processor
-        )
-
-
 def test_a_log_z_head_on_another_prompt_feature_is_refused_and_a_legacy_one_loads(tmp_path):
     from safetensors.torch import save_file
 

@@ -21,7 +21,6 @@ from .objective import group_mean, powerflow_loss
 from .prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
 from .rewards import checked_reward_func
 from .trl_seams import (
-    VLM_ERROR,
     attribute_set_to,
     check_inputs,
     last_complete_checkpoint,
@@ -131,8 +130,10 @@ class PowerFlowTrainer(GRPOTrainer):
             self.reward_weights = self.reward_weights[1:]
         if in_memory_base is not None:
             self.ref_model = prepare_in_memory_base(self, in_memory_base)
-        if self._is_vlm:  # a processor loaded by TRL from the model (one passed in is refused in `check_inputs`)
-            raise ValueError(VLM_ERROR)
+        if self._is_vlm and args.prefix_sharing:
+            # Both passes take the images (GRPO's passes); a shared prefill would have to carry them too
+            logger.warning("Prefix sharing is off for vision-language models: GRPO's generation and passes are used.")
+            args.prefix_sharing = False
         if self.accelerator.num_processes > 1 and self.accelerator.distributed_type == DistributedType.NO:
             # accelerate's state for CPU processes without `use_cpu` (e.g. an FSDP configuration on a machine without
             # GPUs): nothing would average the gradients, each process would train a model of its own

@@ -10,8 +10,7 @@ TRL code each relies on.
 - `prepare_in_memory_base`: TRL reloads a full fine-tuning reference from `config._name_or_path`, which a model passed
   as an object may lack or no longer match; a frozen copy of the object serves instead.
 - `last_complete_checkpoint`: Trainer resumes from the highest-numbered checkpoint, even one a crash left half-written.
-- `check_inputs`: GRPO rejects a dataset without prompts only at the first step, after loading the model, and
-  accepts a vision-language processor whose images the policy pass would drop.
+- `check_inputs`: GRPO rejects a dataset without prompts only at the first step, after loading the model.
 """
 
 import contextlib
@@ -19,7 +18,6 @@ import os
 import re
 
 from datasets import Dataset
-from transformers import ProcessorMixin
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import logging
 from trl.data_utils import is_conversational
@@ -80,16 +78,8 @@ def last_complete_checkpoint(output_dir: str, with_log_z: bool = True) -> str | 
     return None
 
 
-VLM_ERROR = (
-    "PowerFlowTrainer does not support vision-language models yet: its policy pass would score the completions "
-    "without the images the base model saw. Use a text-only model and its tokenizer."
-)
-
-
 def check_inputs(dataset, processing_class, environment_factory=None):
     """Fail before any model is loaded on inputs GRPO would only reject at the first step (or not at all)."""
-    if isinstance(processing_class, ProcessorMixin):
-        raise ValueError(VLM_ERROR)
     if not isinstance(dataset, Dataset):
         return
     if "prompt" not in dataset.column_names:
