@@ -117,6 +117,7 @@ def test_the_trl_code_our_overrides_mirror_is_unchanged():
     prepare = inspect.getsource(GRPOTrainer._prepare_inputs)
     assert "generation_batch = shuffle_sequence_dict(generation_batch)" in prepare
     assert "split_tensor_dict(generation_batch, self.args.steps_per_generation)" in prepare
+    assert "generation_batch = split_pixel_values_by_grid(generation_batch)" in prepare  # one image list a sample
     assert "self._buffered_inputs[self._step % self.args.steps_per_generation]" in prepare
     # `_generate_and_score_completions` reads num_iterations only to decide on the old policy's extra forward
     generate = inspect.getsource(GRPOTrainer._generate_and_score_completions)

@@ -10,7 +10,12 @@ import torch
 from accelerate.utils import DistributedType, is_peft_model
 from transformers.utils import logging
 from trl import GRPOTrainer
-from trl.trainer.utils import get_config_model_id, split_tensor_dict
+from trl.trainer.utils import (
+    get_config_model_id,
+    split_pixel_values_by_grid,
+    split_tensor_dict,
+    unsplit_pixel_values_by_grid,
+)
 
 from .alpha import AlphaController
 from .callbacks import repeated_ngram_rate
@@ -176,7 +181,7 @@ class PowerFlowTrainer(GRPOTrainer):
         # it is cut into micro-batches, so that each micro-batch holds every sample of its prompts
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
-            batch = self._generate_and_score_completions(generation_batch)
+            batch = split_pixel_values_by_grid(self._generate_and_score_completions(generation_batch))
             batch = shuffle_groups(batch, prompt_groups(batch["prompt_ids"], batch["prompt_mask"]))
             # The loss of an optimizer step is a mean over all of its sequences, as one big batch would take it, not a
             # mean of per-micro-batch means: count the scoreable sequences of a step's worth of micro-batches
@@ -184,7 +189,8 @@ class PowerFlowTrainer(GRPOTrainer):
             scoreable = (mask.sum(1) > 0) & torch.isfinite(torch.where(mask.bool(), base_logps, 0.0).sum(1))
             steps = self.args.steps_per_generation / self.args.gradient_accumulation_steps
             batch["sequences_in_step"] = scoreable.sum() / steps
-            self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
+            batches = split_tensor_dict(batch, self.args.steps_per_generation)
+            self._buffered_inputs = [unsplit_pixel_values_by_grid(batch) for batch in batches]
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
