@@ -577,3 +577,72 @@ def test_a_vision_language_model_trains_with_the_images_in_both_passes(tmp_path)
     torch.testing.assert_close(batch["ref_per_token_logps"][mask], with_images[mask], atol=1e-4, rtol=1e-4)
     # (without the images, the image tokens are read as plain tokens: other log-probs)
     assert not torch.allclose(with_images[mask], logps()[mask], atol=1e-3)
+
+
+def test_a_reward_model_gives_psi(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    reward_model = LlamaForSequenceClassification(config)
+    trainer = PowerFlowTrainer(
+        make_model(tokenizer),
+        reward_model,
+        args=make_config(tmp_path, max_steps=1),
+        train_dataset=_dataset(),
+        processing_class=tokenizer,
+        reward_processing_classes=tokenizer,
+    )
+    batches = _spy_psi(trainer)
+    trainer.train()
+    batch = batches[0]
+    prompts = tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
+    completions = tokenizer.batch_decode(batch["completion_ids"], skip_special_tokens=True)
+    texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+    with torch.no_grad():
+        expected = reward_model(**inputs).logits[:, 0]
+    torch.testing.assert_close(batch["psi"], expected, atol=1e-5, rtol=1e-5)
+
+    # A reward model has no None to give: NaN there is a fault
+    reward_model.score.weight.data.fill_(float("nan"))
+    trainer = PowerFlowTrainer(
+        make_model(tokenizer),
+        reward_model,
+        args=make_config(tmp_path, max_steps=1),
+        train_dataset=_dataset(),
+        processing_class=tokenizer,
+        reward_processing_classes=tokenizer,
+    )
+    with pytest.raises(ValueError, match="reward model '.*' returned NaN or inf"):
+        trainer.train()
+
+
+def test_environment_without_dataset(tmp_path):
+    # GRPO drives the loop with placeholder prompts when the environment owns the data and there is no dataset
+    tokenizer = _chat_tokenizer()
+    model = _chat_model(tokenizer)
+    args = make_config(
+        tmp_path,
+        per_device_train_batch_size=3,
+        num_generations=3,
+        max_completion_length=128,
+        max_steps=1,
+        prefix_sharing=False,
+    )
+    trainer = PowerFlowTrainer(
+        model, args=args, train_dataset=None, processing_class=tokenizer, environment_factory=_Calculator
+    )
+    before = _snapshot(model)
+    batch = _train_scripted(trainer, _scripted_generate(tokenizer, [CALL, ANSWER, CALL]))[0]
+    _assert_moved(before, model)
+    assert batch["psi"].tolist() == [0.5, 0.0, 0.5]
