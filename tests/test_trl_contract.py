@@ -93,10 +93,10 @@ def test_overridden_methods_keep_their_signatures():
     for name, expected in CALLED.items():
         assert _parameters(getattr(GRPOTrainer, name))[: len(expected)] == expected, name
     # The policy pass takes a MoE router's aux loss and a vision-language model's image inputs as GRPO's does
-    from trl_powerflow.trainer import _MULTIMODAL_INPUTS
+    from trl_powerflow.trl_seams import MULTIMODAL_INPUTS
 
     logps_parameters = _parameters(GRPOTrainer._get_per_token_logps_and_entropies)
-    for name in ["batch_size", "compute_entropy", "compute_aux_loss", *_MULTIMODAL_INPUTS]:
+    for name in ["batch_size", "compute_entropy", "compute_aux_loss", *MULTIMODAL_INPUTS]:
         assert name in logps_parameters, name
     assert GRPOTrainer.loss_is_scaled_for_ga is True
 

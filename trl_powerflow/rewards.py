@@ -56,3 +56,13 @@ def checked_reward_func(func, name: str, num_completions: int):
         return check_rewards(func(*args, **kwargs), name, num_completions)
 
     return checked
+
+
+def check_reward_models(rewards_per_func: torch.Tensor, reward_funcs: list, names: list[str]):
+    """A reward model returns no None: a NaN or inf in its column is a fault, not a sample it does not apply to."""
+    for index, func in enumerate(reward_funcs):
+        if isinstance(func, torch.nn.Module) and not torch.isfinite(rewards_per_func[:, index]).all():
+            raise ValueError(
+                f"The reward model '{names[index]}' returned NaN or inf. PowerFlow adds the weighted rewards to the "
+                "target as ψ(y): every reward must be a finite number (or None)."
+            )

@@ -24,8 +24,9 @@ from .groups import prompt_groups, shuffle_groups
 from .log_z import LOG_Z_FILE, LogZ, LogZOptimizerCallback, captured_prompt_features, prompt_feature_size
 from .objective import group_mean, powerflow_loss
 from .prefix_sharing import generate_from_shared_prefill, shared_prefix_logps
-from .rewards import checked_reward_func
+from .rewards import check_reward_models, checked_reward_func
 from .trl_seams import (
+    MULTIMODAL_INPUTS,
     attribute_set_to,
     check_inputs,
     last_complete_checkpoint,
@@ -37,19 +38,6 @@ from .trl_seams import (
 logger = logging.get_logger(__name__)
 
 _MAX_NON_FINITE_BATCHES = 8
-# What a vision-language model's passes take besides the tokens (GRPO's `_compute_loss` passes the same)
-_MULTIMODAL_INPUTS = [
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-]
 
 
 class PowerFlowTrainer(GRPOTrainer):
@@ -205,13 +193,7 @@ class PowerFlowTrainer(GRPOTrainer):
         ]
         with attribute_set_to(self, "reward_funcs", checked):
             rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        # A reward model returns no None: a NaN or inf there is a fault, not a sample it does not apply to
-        for index, func in enumerate(self.reward_funcs):
-            if isinstance(func, torch.nn.Module) and not torch.isfinite(rewards_per_func[:, index]).all():
-                raise ValueError(
-                    f"The reward model '{self.reward_func_names[index]}' returned NaN or inf. PowerFlow adds the "
-                    "weighted rewards to the target as ψ(y): every reward must be a finite number (or None)."
-                )
+        check_reward_models(rewards_per_func, self.reward_funcs, self.reward_func_names)
         # Gathered across processes; `_generate_and_score_completions` turns it into ψ
         self._rewards_per_func = rewards_per_func
         return rewards_per_func
@@ -326,7 +308,7 @@ class PowerFlowTrainer(GRPOTrainer):
                 completion_ids.size(1),
                 compute_entropy=True,
                 compute_aux_loss=self.aux_loss_enabled,
-                **{key: inputs.get(key) for key in _MULTIMODAL_INPUTS},
+                **{key: inputs.get(key) for key in MULTIMODAL_INPUTS},
             )
         objective = partial(
             powerflow_loss,

@@ -11,6 +11,7 @@ TRL code each relies on.
   as an object may lack or no longer match; a frozen copy of the object serves instead.
 - `last_complete_checkpoint`: Trainer resumes from the highest-numbered checkpoint, even one a crash left half-written.
 - `check_inputs`: GRPO rejects a dataset without prompts only at the first step, after loading the model.
+- `MULTIMODAL_INPUTS`: the image inputs GRPO's passes take, which PowerFlow's policy pass takes too.
 """
 
 import contextlib
@@ -28,6 +29,21 @@ from .log_z import LOG_Z_FILE
 
 
 logger = logging.get_logger(__name__)
+
+# What a vision-language model's passes take besides the tokens: `_compute_loss` hands the policy pass the same
+# inputs GRPO's hands it
+MULTIMODAL_INPUTS = [
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+]
 
 
 @contextlib.contextmanager
