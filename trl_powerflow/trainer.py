@@ -59,7 +59,10 @@ class PowerFlowTrainer(GRPOTrainer):
     - prefix sharing (`_generate_single_turn`, `_get_per_token_logps_and_entropies`): each prompt is computed once for
       all of its samples, in generation and in both scoring passes;
     - with `num_iterations > 1`, the old policy's log-probs come from the first optimisation pass, not an extra
-      forward.
+      forward;
+    - tool and environment outputs (GRPO's `tool_mask`, a `rollout_func`'s `env_mask`) are context, not the model's
+      tokens: out of the loss and of |y|, while the base log-probs of the model's tokens are conditioned on them. The
+      target is then p_base^α over the model's own tokens given the tool outputs, tilted on their number.
 
     The workarounds for TRL's internals are gathered, with their reasons, in `trl_seams.py`.
 
