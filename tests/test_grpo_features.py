@@ -453,7 +453,7 @@ def test_rollout_func_trains_on_its_rollouts_with_environment_tokens_masked(tmp_
         model = trainer.accelerator.unwrap_model(trainer.model)
         prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
         input_ids = torch.tensor(prompt_ids)  # the toy prompts have equal lengths
-        sample = partial(model.generate, do_sample=True, max_new_tokens=1, min_new_tokens=1)
+        sample = partial(model.generate, do_sample=True, max_new_tokens=1, top_k=0)
         first = sample(input_ids=input_ids)
         second = sample(input_ids=torch.cat([first, torch.full((len(prompts), 1), env_token)], dim=1))
         completion_ids = second[:, input_ids.size(1) :].tolist()
