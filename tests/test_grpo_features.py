@@ -646,3 +646,24 @@ def test_environment_without_dataset(tmp_path):
     batch = _train_scripted(trainer, _scripted_generate(tokenizer, [CALL, ANSWER, CALL]))[0]
     _assert_moved(before, model)
     assert batch["psi"].tolist() == [0.5, 0.0, 0.5]
+
+
+def test_rewards_as_grpo_takes_them(tmp_path, tokenizer):
+    # Booleans, numpy values and arrays, tensors: GRPO takes them all, so does PowerFlow
+    import numpy as np
+
+    def as_bools(completions, **kwargs):
+        return [len(c.split()) > 1 for c in completions]
+
+    def as_array(completions, **kwargs):
+        return np.full(len(completions), 0.25)
+
+    def as_tensor(completions, **kwargs):
+        return torch.full((len(completions),), np.float32(0.5))
+
+    trainer = _reward_trainer(tmp_path, tokenizer, [as_bools, as_array, as_tensor])
+    batches = _spy_psi(trainer)
+    trainer.train()
+    completions = tokenizer.batch_decode(batches[0]["completion_ids"], skip_special_tokens=True)
+    expected = [float(len(c.split()) > 1) + 0.75 for c in completions]
+    assert batches[0]["psi"].tolist() == pytest.approx(expected)

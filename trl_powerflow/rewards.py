@@ -12,8 +12,8 @@ def check_rewards(rewards, name: str, num_completions: int) -> list:
     `rewards` as a list of `num_completions` values, each a finite number or None (the function does not apply to
     that completion); anything else is an error that names the function and what it returned.
     """
-    if isinstance(rewards, torch.Tensor):
-        rewards = rewards.tolist() if rewards.ndim == 1 else rewards
+    if getattr(rewards, "ndim", None) == 1:  # a tensor or an array, as GRPO takes them
+        rewards = rewards.tolist()
     if isinstance(rewards, (str, bytes)) or not isinstance(rewards, (list, tuple)):
         raise TypeError(
             f"The reward function '{name}' returned {type(rewards).__name__} {rewards!r:.80}; it must return a list "
@@ -29,7 +29,7 @@ def check_rewards(rewards, name: str, num_completions: int) -> list:
             continue
         if isinstance(reward, torch.Tensor) and reward.numel() == 1:
             reward = reward.item()
-        if isinstance(reward, bool) or not isinstance(reward, numbers.Real):
+        if not isinstance(reward, numbers.Real):  # bools count as 0 and 1, as in GRPO
             raise TypeError(
                 f"The reward function '{name}' returned {reward!r:.80} ({type(reward).__name__}) for completion "
                 f"{index}; a reward must be a number, or None where the function does not apply."
