@@ -1,5 +1,6 @@
 """Tiny models and tokenizers built in code: the suite runs offline on a CPU."""
 
+import json
 import os
 
 
@@ -51,3 +52,20 @@ def no_model_loads(monkeypatch):
         raise AssertionError("a model was loaded before the inputs were checked")
 
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(fail))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = make_tokenizer()
+    make_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    rows = [{"question": [{"role": "user", "content": f"p{i % 2}"}], "id": i} for i in range(8)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)

@@ -25,23 +25,6 @@ TRAIN_FLAGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = make_tokenizer()
-    make_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
-    rows = [{"question": [{"role": "user", "content": f"p{i % 2}"}], "id": i} for i in range(8)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
 def error_message(capsys, argv) -> str:
     """Runs the CLI on `argv`, expects it to stop on a user error, and returns the message."""
     with pytest.raises(SystemExit) as stop:

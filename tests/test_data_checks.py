@@ -107,7 +107,8 @@ def test_streaming_dataset_checked_as_rows_come():
 
 
 @pytest.mark.parametrize(
-    "prompt, tokens", [(" ".join(["a"] * 60), 60), (user(" ".join(["a"] * 57)), 59)]  # the template adds 2 tokens
+    "prompt, tokens",
+    [(" ".join(["a"] * 60), 60), (user(" ".join(["a"] * 57)), 59)],  # the template adds 2 tokens
 )
 def test_prompt_longer_than_the_positions_left_refused(no_model_loads, tiny_model_dir, tmp_path, prompt, tokens):
     """The tiny model has 64 positions; with 8 for the completion, a prompt of 56 tokens fits and one more does not."""

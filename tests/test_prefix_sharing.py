@@ -11,7 +11,6 @@ import transformers
 from conftest import make_config, make_model, make_tokenizer
 from datasets import Dataset
 from peft import LoraConfig
-
 from trl import GRPOConfig
 
 import trl_powerflow.prefix_sharing

@@ -13,11 +13,10 @@ import textwrap
 import time
 
 import pytest
-from test_cli import TRAIN_FLAGS, error_message, prompts_file, tiny_model_dir  # noqa: F401 (fixtures)
+from test_cli import TRAIN_FLAGS, error_message
 from test_reliability import _assert_same_state, _StopAt, _trainer
 
 from trl_powerflow.cli import main
-
 from trl_powerflow.run_guard import LOCK_FILE, OutputDirInUseError, ResumeRefusedError, output_dir_lock
 
 

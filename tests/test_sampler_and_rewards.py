@@ -46,7 +46,12 @@ def test_repetition_penalty_reaches_the_sampler(tmp_path):
         trainer = _trainer(tmp_path / str(penalty), repetition_penalty=penalty, max_steps=1)
         assert trainer.generation_config.repetition_penalty == penalty
         batches, original = [], trainer._generate_and_score_completions
-        trainer._generate_and_score_completions = lambda inputs: batches.append(original(inputs)) or batches[-1]
+
+        def recorded(inputs, batches=batches, original=original):
+            batches.append(original(inputs))
+            return batches[-1]
+
+        trainer._generate_and_score_completions = recorded
         trainer.train()
         completions[penalty] = batches[0]["completion_ids"]
     assert completions[1.0].shape == completions[3.0].shape

@@ -23,7 +23,8 @@ def test_trl_version_is_the_tested_one():
     assert Version("1.16") <= Version(trl.__version__) < Version("1.17")
 
 
-# Every GRPOTrainer / Trainer method PowerFlowTrainer overrides or calls, with the parameters it relies on
+# Every GRPOTrainer / Trainer method PowerFlowTrainer overrides (PrefixSharingMixin's are pinned below), with the
+# parameters it relies on
 PINNED = {
     "_generate_and_score_completions": ["self", "inputs"],
     "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
@@ -36,14 +37,79 @@ PINNED = {
     "log": ["self", "logs", "start_time"],
     "train": ["self", "resume_from_checkpoint", "trial"],
 }
+# The GRPOTrainer / Trainer methods it calls without overriding them
+CALLED = {
+    "add_callback": ["self", "callback"],
+    "create_model_card": ["self", "model_name"],
+    "get_optimizer_cls_and_kwargs": ["args", "model"],
+    "is_world_process_zero": ["self"],
+}
+# The attributes GRPOTrainer / Trainer set that it reads or writes
+ATTRIBUTES = [
+    "_buffered_inputs",  # the buffered generation batch (`_prepare_inputs`)
+    "_step",  # micro-steps taken, which says when to generate
+    "_is_vlm",
+    "_metrics",  # {"train"/"eval": {name: [values]}}, what `log` averages
+    "aux_loss_enabled",  # a MoE router's load-balancing loss, with its coefficient
+    "router_aux_loss_coef",
+    "beta",  # the switch for the reference model's log-probs
+    "epsilon_low",
+    "epsilon_high",
+    "num_iterations",
+    "ref_model",
+    "reward_funcs",
+    "reward_func_names",
+    "reward_processing_classes",
+    "reward_weights",
+    "use_vllm",
+    "accelerator",
+    "callback_handler",
+    "state",
+    "is_deepspeed_enabled",
+    "is_fsdp_enabled",
+]
+
+
+def _overrides():
+    """The GRPOTrainer methods overridden by PowerFlowTrainer or by any class between it and GRPOTrainer."""
+    mro = PowerFlowTrainer.__mro__
+    return {
+        name
+        for cls in mro[: mro.index(GRPOTrainer)]
+        for name, value in vars(cls).items()
+        if callable(value) and hasattr(GRPOTrainer, name) and not name.startswith("__")
+    }
+
+
+def test_every_override_is_pinned():
+    pinned = set(PINNED) | set(PREFIX_SHARING_PINNED)
+    assert _overrides() <= pinned, sorted(_overrides() - pinned)
 
 
 def test_overridden_methods_keep_their_signatures():
     for name, expected in PINNED.items():
         assert _parameters(getattr(GRPOTrainer, name))[: len(expected)] == expected, name
-        assert name in PowerFlowTrainer.__dict__, name
-    assert "compute_entropy" in _parameters(GRPOTrainer._get_per_token_logps_and_entropies)
+        assert name in _overrides(), name
+    for name, expected in CALLED.items():
+        assert _parameters(getattr(GRPOTrainer, name))[: len(expected)] == expected, name
+    # The policy pass takes a MoE router's aux loss and a vision-language model's image inputs as GRPO's does
+    from trl_powerflow.trl_seams import MULTIMODAL_INPUTS
+
+    logps_parameters = _parameters(GRPOTrainer._get_per_token_logps_and_entropies)
+    for name in ["batch_size", "compute_entropy", "compute_aux_loss", *MULTIMODAL_INPUTS]:
+        assert name in logps_parameters, name
     assert GRPOTrainer.loss_is_scaled_for_ga is True
+
+
+def test_the_attributes_we_use_are_set_by_trl(tmp_path, tokenizer):
+    args = make_config(tmp_path, per_device_train_batch_size=4, num_generations=4)
+    dataset = Dataset.from_dict({"prompt": ["p0"] * 4})
+    trainer = PowerFlowTrainer(make_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
+    for name in ATTRIBUTES:
+        assert hasattr(trainer, name), name
+    assert trainer._step == 0 and trainer._buffered_inputs is None and trainer._is_vlm is False
+    assert set(trainer._metrics) == {"train", "eval"} and trainer._metrics["train"]["anything"] == []
+    assert trainer.aux_loss_enabled is False
 
 
 def test_the_trl_code_our_overrides_mirror_is_unchanged():
@@ -51,6 +117,7 @@ def test_the_trl_code_our_overrides_mirror_is_unchanged():
     prepare = inspect.getsource(GRPOTrainer._prepare_inputs)
     assert "generation_batch = shuffle_sequence_dict(generation_batch)" in prepare
     assert "split_tensor_dict(generation_batch, self.args.steps_per_generation)" in prepare
+    assert "generation_batch = split_pixel_values_by_grid(generation_batch)" in prepare  # one image list a sample
     assert "self._buffered_inputs[self._step % self.args.steps_per_generation]" in prepare
     # resuming inside a generation batch restores both (`run_guard.load_generation_buffer`); TRL resets neither
     assert "self._step = 0" in inspect.getsource(GRPOTrainer.__init__)
@@ -61,6 +128,15 @@ def test_the_trl_code_our_overrides_mirror_is_unchanged():
     assert "generate_every = self.args.steps_per_generation * self.num_iterations" in generate
     # With vLLM, the old policy's forward, the sampler/trainer ratio and its metrics hang on the correction (off)
     assert generate.count("self.use_vllm and self.vllm_importance_sampling_correction") == 4
+    # The MoE aux loss enters the loss as `_compute_loss` mirrors it
+    compute_loss = inspect.getsource(GRPOTrainer._compute_loss)
+    assert "loss = loss + self.router_aux_loss_coef * aux_loss / normalizer" in compute_loss
+    # A reward function's None becomes NaN (ψ then sums the others with nansum); GRPO warns when all are None
+    rewards = inspect.getsource(GRPOTrainer._calculate_rewards)
+    assert "reward if reward is not None else torch.nan" in rewards
+    assert "All reward functions returned None" in rewards
+    # Tool and environment tokens are masked with `tool_mask`, which `_compute_loss` reads
+    assert 'output["tool_mask"] = tool_mask' in generate
 
 
 def test_generation_batch_carries_what_the_objective_reads(tmp_path, tokenizer):
@@ -95,7 +171,13 @@ def test_the_cli_helpers_we_reuse_keep_their_behaviour():
 PREFIX_SHARING_PINNED = {
     "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations"],
     "_get_per_token_logps_and_entropies": [
-        "self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+        "self",
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "batch_size",
+        "compute_entropy",
     ],  # fmt: skip
 }
 

@@ -17,17 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
-from transformers import AutoConfig, ProcessorMixin
+from transformers import AutoConfig
 
 
 # The roles TRL's prompt handling and common chat templates render; "developer" is the system role of newer templates
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool")
 BATCH_SIZE = 10_000
-
-VLM_ERROR = (
-    "PowerFlowTrainer does not support vision-language models yet: its policy pass would score the completions "
-    "without the images the base model saw. Use a text-only model and its tokenizer."
-)
 
 
 class DataError(ValueError):
@@ -238,9 +233,7 @@ def check_prompts(
     provides or completes the prompts, so the column may be absent and a prompt empty. With a `tokenizer` and
     `max_prompt_tokens`, a prompt of more tokens is an error (`limit_reason` says why the limit).
     """
-    checker = _RowChecker(
-        split, source, environment, tokenizer, max_prompt_tokens, limit_reason, chat_template_kwargs
-    )
+    checker = _RowChecker(split, source, environment, tokenizer, max_prompt_tokens, limit_reason, chat_template_kwargs)
     if isinstance(dataset, IterableDataset):
         return dataset.map(checker, with_indices=True, features=dataset.features)
     if not isinstance(dataset, Dataset):
@@ -251,7 +244,8 @@ def check_prompts(
             return dataset
         raise DataError(
             f"{where} has no 'prompt' column (columns: {', '.join(dataset.column_names)}). Rename the column that "
-            "holds the prompts with `dataset.rename_column(..., 'prompt')`."
+            "holds the prompts with `dataset.rename_column(..., 'prompt')`, or pass an `environment_factory` whose "
+            "environments return the prompts from `reset()`."
         )
     if len(dataset) == 0:
         raise DataError(f"{where} is empty: PowerFlow needs prompts to sample completions from.")
@@ -301,11 +295,9 @@ def check_inputs(model, args, kwargs: dict) -> dict:
     """
     The trainer's keyword arguments, checked before any model is loaded (streaming datasets wrapped to be checked as
     they come): GRPO rejects a dataset without prompts only at the first step, meets a bad row only when it samples
-    it, and accepts a vision-language processor whose images the policy pass would drop.
+    it.
     """
     processing_class = kwargs.get("processing_class")
-    if isinstance(processing_class, ProcessorMixin):
-        raise ValueError(VLM_ERROR)
     train_dataset = kwargs.get("train_dataset")
     if isinstance(train_dataset, (DatasetDict, IterableDatasetDict)):
         raise TypeError(
@@ -318,7 +310,7 @@ def check_inputs(model, args, kwargs: dict) -> dict:
             "build one with `Dataset.from_list(rows)` or `Dataset.from_dict({'prompt': prompts})`."
         )
     environment = kwargs.get("environment_factory") is not None
-    tokenizer, max_tokens, reason = processing_class, None, ""
+    tokenizer, max_tokens, reason = getattr(processing_class, "tokenizer", processing_class), None, ""
     if tokenizer is not None and not environment:  # an environment's observation lengthens the prompt: unknown here
         max_tokens, reason = _max_prompt_tokens(model, args)
     check = partial(

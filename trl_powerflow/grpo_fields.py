@@ -59,8 +59,8 @@ _TEMPERATURE = (
 )
 _ENTROPY_BONUS = (
     "GRPO's entropy bonus adds -entropy_coef * (mean token entropy) to the loss, which moves the fixed point away "
-    "from p_base^alpha. Flatten with alpha < 1, or set `target_entropy` or `target_entropy_ratio` to adapt alpha to an "
-    "entropy"
+    "from p_base^alpha. Flatten with alpha < 1, or set `target_entropy` or `target_entropy_ratio` to adapt alpha to "
+    "an entropy"
 )
 _REPETITION_PENALTY = (
     "a penalty must be a finite number (a repetition penalty > 0). The sampler then draws from a penalised policy "
@@ -247,9 +247,23 @@ GENERATION_KWARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(
         # How completions are computed or returned, not which tokens are drawn
         [
-            "use_cache", "cache_implementation", "cache_config", "pad_token_id", "bos_token_id", "prefill_chunk_size",
-            "disable_compile", "compile_config", "renormalize_logits", "length_penalty", "early_stopping", "seed",
-            "skip_special_tokens", "spaces_between_special_tokens", "detokenize", "logprobs", "prompt_logprobs",
+            "use_cache",
+            "cache_implementation",
+            "cache_config",
+            "pad_token_id",
+            "bos_token_id",
+            "prefill_chunk_size",
+            "disable_compile",
+            "compile_config",
+            "renormalize_logits",
+            "length_penalty",
+            "early_stopping",
+            "seed",
+            "skip_special_tokens",
+            "spaces_between_special_tokens",
+            "detokenize",
+            "logprobs",
+            "prompt_logprobs",
             "include_stop_str_in_output",
         ],  # fmt: skip
         (lambda value: True, ""),
@@ -278,9 +292,18 @@ GENERATION_KWARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     **dict.fromkeys(
         [
-            "top_h", "forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "logit_bias", "guided_decoding",
-            "structured_outputs", "watermarking_config", "exponential_decay_length_penalty", "constraints",
-            "force_words_ids", "logits_processors",
+            "top_h",
+            "forced_bos_token_id",
+            "forced_eos_token_id",
+            "sequence_bias",
+            "logit_bias",
+            "guided_decoding",
+            "structured_outputs",
+            "watermarking_config",
+            "exponential_decay_length_penalty",
+            "constraints",
+            "force_words_ids",
+            "logits_processors",
         ],  # fmt: skip
         (lambda value: not value, _FORCES),
     ),

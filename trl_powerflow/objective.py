@@ -79,10 +79,10 @@ def powerflow_loss(
     Numerics. The sums run in float32 at least (float64 inputs stay float64). With the group estimate, ψ is centred
     per group (in float64) before it enters the target: the estimate absorbs any per-prompt constant exactly, so a
     large reward shared by every sample changes neither loss nor gradient, where uncentred it would swamp the
-    policy's part of t_i in float32 (`log_z` is still reported for the uncentred ψ). With a given `log_z` (a learned head), ψ
-    enters as is: a constant c moves log Z'(x)'s target by α·c, which the head must learn (its first-batch start
-    absorbs it), and a very large |α·c| leaves float32 too few digits for the policy's part of the residual: keep
-    rewards of moderate size with a learned head.
+    policy's part of t_i in float32 (`log_z` is still reported for the uncentred ψ). With a given `log_z` (a learned
+    head), ψ enters as is: a constant c moves log Z'(x)'s target by α·c, which the head must learn (its first-batch
+    start absorbs it), and a very large |α·c| leaves float32 too few digits for the policy's part of the residual:
+    keep rewards of moderate size with a learned head.
 
     Args:
         policy_logps (`torch.Tensor` of shape `(B, T)`):

@@ -13,17 +13,23 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from transformers.utils import logging
 from trl import GRPOTrainer
-from trl.trainer.utils import get_config_model_id, split_tensor_dict
+from trl.trainer.utils import (
+    get_config_model_id,
+    split_pixel_values_by_grid,
+    split_tensor_dict,
+    unsplit_pixel_values_by_grid,
+)
 
 from .alpha import AlphaController
 from .callbacks import repeated_ngram_rate
 from .compat import check_bitsandbytes
 from .config import PowerFlowConfig
-from .data_checks import VLM_ERROR, check_inputs
+from .data_checks import check_inputs
 from .groups import prompt_groups, shuffle_groups
 from .log_z import LOG_Z_FILE, LogZ, LogZOptimizerCallback, captured_prompt_features, prompt_feature_size
 from .objective import group_mean, powerflow_loss
 from .prefix_sharing import PrefixSharingMixin
+from .rewards import check_reward_models, checked_reward_func
 from .run_guard import (
     ResumeRefusedError,
     check_run_identity,
@@ -35,6 +41,7 @@ from .run_guard import (
     save_run_identity,
 )
 from .trl_seams import (
+    MULTIMODAL_INPUTS,
     attribute_set_to,
     is_complete_checkpoint,
     last_complete_checkpoint,
@@ -67,7 +74,10 @@ class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
     - prefix sharing ([`PrefixSharingMixin`]): each prompt is computed once for all of its samples, in generation and
       in both scoring passes;
     - with `num_iterations > 1`, the old policy's log-probs come from the first optimisation pass, not an extra
-      forward.
+      forward;
+    - tool and environment outputs (GRPO's `tool_mask`, a `rollout_func`'s `env_mask`) are context, not the model's
+      tokens: out of the loss and of |y|, while the base log-probs of the model's tokens are conditioned on them. The
+      target is then p_base^α over the model's own tokens given the tool outputs, tilted on their number.
 
     The workarounds for TRL's internals are gathered, with their reasons, in `trl_seams.py`.
 
@@ -123,18 +133,21 @@ class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
 
         # TRL builds the reference and computes `ref_per_token_logps` only when beta != 0. PowerFlow always needs
         # them, as the base log-probs of its target; beta is a switch here, never a coefficient (no KL term).
-        # GRPO refuses to start without a reward source; PowerFlow needs none, so hand it a placeholder and drop it
-        unsupervised = not reward_funcs and kwargs.get("environment_factory") is None
+        # GRPO refuses to start without a reward source; PowerFlow needs none, so hand it a placeholder and drop it,
+        # keeping the reward an environment owns (its `get_reward`, which GRPO appends after the given functions)
+        placeholder = not reward_funcs
         with attribute_set_to(args, "beta", 0.0 if in_memory_base is not None else 1.0):
-            super().__init__(model, [no_reward] if unsupervised else reward_funcs, args=args, **kwargs)
+            super().__init__(model, [no_reward] if placeholder else reward_funcs, args=args, **kwargs)
         self.beta = 1.0
-        if unsupervised:
-            self.reward_funcs, self.reward_func_names, self.reward_processing_classes = [], [], []
-            self.reward_weights = torch.ones(0)
+        if placeholder:
+            del self.reward_funcs[0], self.reward_func_names[0], self.reward_processing_classes[0]
+            self.reward_weights = self.reward_weights[1:]
         if in_memory_base is not None:
             self.ref_model = prepare_in_memory_base(self, in_memory_base)
-        if self._is_vlm:  # a processor loaded by TRL from the model (one passed in is refused in `check_inputs`)
-            raise ValueError(VLM_ERROR)
+        if self._is_vlm and args.prefix_sharing:
+            # Both passes take the images (GRPO's passes); a shared prefill would have to carry them too
+            logger.warning("Prefix sharing is off for vision-language models: GRPO's generation and passes are used.")
+            args.prefix_sharing = False
         if self.accelerator.num_processes > 1 and self.accelerator.distributed_type == DistributedType.NO:
             # accelerate's state for CPU processes without `use_cpu` (e.g. an FSDP configuration on a machine without
             # GPUs): nothing would average the gradients, each process would train a model of its own
@@ -177,7 +190,7 @@ class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
         # it is cut into micro-batches, so that each micro-batch holds every sample of its prompts
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
-            batch = self._generate_and_score_completions(generation_batch)
+            batch = split_pixel_values_by_grid(self._generate_and_score_completions(generation_batch))
             batch = shuffle_groups(batch, prompt_groups(batch["prompt_ids"], batch["prompt_mask"]))
             # The loss of an optimizer step is a mean over all of its sequences, as one big batch would take it, not a
             # mean of per-micro-batch means: count the scoreable sequences of a step's worth of micro-batches
@@ -185,22 +198,23 @@ class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
             scoreable = (mask.sum(1) > 0) & torch.isfinite(torch.where(mask.bool(), base_logps, 0.0).sum(1))
             steps = self.args.steps_per_generation / self.args.gradient_accumulation_steps
             batch["sequences_in_step"] = scoreable.sum() / steps
-            self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
+            batches = split_tensor_dict(batch, self.args.steps_per_generation)
+            self._buffered_inputs = [unsplit_pixel_values_by_grid(batch) for batch in batches]
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         device = self.accelerator.device
         if not self.reward_funcs:  # fully unsupervised: skip GRPO's "every reward function returned None" warning
             return torch.zeros(len(prompts) * self.accelerator.num_processes, 0, device=device)
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        is_missing = ~torch.isfinite(rewards_per_func)
-        if is_missing.any():
-            func_index = is_missing.any(dim=0).nonzero()[0].item()
-            raise ValueError(
-                f"The reward function '{self.reward_func_names[func_index]}' returned None, NaN or inf for "
-                f"{is_missing[:, func_index].sum().item()} completion(s). PowerFlow adds the weighted rewards to the "
-                "target as ψ(y), so every reward function must return a finite number for every completion."
-            )
+        # Each function's output is checked where it is returned, so that a bad value names its function; GRPO turns
+        # None into NaN (the function does not apply to that sample) and warns when every function returned None
+        checked = [
+            func if isinstance(func, torch.nn.Module) else checked_reward_func(func, name, len(prompts))
+            for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)
+        ]
+        with attribute_set_to(self, "reward_funcs", checked):
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        check_reward_models(rewards_per_func, self.reward_funcs, self.reward_func_names)
         # Gathered across processes; `_generate_and_score_completions` turns it into ψ
         self._rewards_per_func = rewards_per_func
         return rewards_per_func
@@ -222,7 +236,8 @@ class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
         if self.reward_funcs:
             # GRPO turns the rewards into advantages, which PowerFlow does not use: keep their weighted sum ψ(y)
             rewards_per_func = self._rewards_per_func
-            psi = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).sum(dim=1)
+            # ψ sums the functions that apply to a sample (GRPO's nansum): a sample none applies to gets ψ = 0
+            psi = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
             num_local = output["completion_ids"].size(0)
             start = self.accelerator.process_index * num_local
             output["psi"] = psi[start : start + num_local]
@@ -249,8 +264,14 @@ class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         capture = captured_prompt_features(unwrapped, feature, prompt_ids, prompt_mask) if feature else None
         with capture or _no_features(prompt_ids) as prompt_features:
-            policy_logps, entropies, _ = self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True
+            policy_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                completion_ids.size(1),
+                compute_entropy=True,
+                compute_aux_loss=self.aux_loss_enabled,
+                **{key: inputs.get(key) for key in MULTIMODAL_INPUTS},
             )
         objective = partial(
             powerflow_loss,
@@ -277,6 +298,10 @@ class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
             loss = out.loss.sum() / inputs["sequences_in_step"].clamp(min=1)
         else:
             loss = out.loss.sum() / out.valid.sum().clamp(min=1)
+        if self.aux_loss_enabled:  # a MoE router's load-balancing loss, added and logged as GRPO does
+            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_metrics(out, entropies, mask, groups, mode)
         return loss
 

@@ -11,6 +11,7 @@ TRL code each relies on.
   as an object may lack or no longer match; a frozen copy of the object serves instead.
 - `last_complete_checkpoint`: Trainer resumes from the highest-numbered checkpoint, even one a crash left half-written
   (a state file missing or cut short).
+- `MULTIMODAL_INPUTS`: the image inputs GRPO's passes take, which PowerFlow's policy pass takes too.
 """
 
 import contextlib
@@ -27,6 +28,21 @@ from .run_guard import RUN_IDENTITY_FILE, is_readable_json
 
 
 logger = logging.get_logger(__name__)
+
+# What a vision-language model's passes take besides the tokens: `_compute_loss` hands the policy pass the same
+# inputs GRPO's hands it
+MULTIMODAL_INPUTS = [
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+]
 
 
 @contextlib.contextmanager
@@ -83,4 +99,3 @@ def is_complete_checkpoint(checkpoint: str, with_log_z: bool = True) -> bool:
         and (not os.path.exists(identity) or is_readable_json(identity))
         and (not with_log_z or os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE)))
     )
-

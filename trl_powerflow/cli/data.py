@@ -7,8 +7,8 @@ from functools import partial
 
 from trl import ScriptArguments
 
-from ..prompt_sets import PROMPT_SETS
 from ..data_checks import check_prompts
+from ..prompt_sets import PROMPT_SETS
 from .common import DATA_FILE_BUILDERS, CLIError, _looks_like_path
 
 
@@ -150,7 +150,9 @@ def _check_text_file(path: str) -> None:
     try:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
-        raise CLIError(f"Dataset file '{path}' is not UTF-8 text: it ends inside a character. Re-save it as UTF-8.")
+        raise CLIError(
+            f"Dataset file '{path}' is not UTF-8 text: it ends inside a character. Re-save it as UTF-8."
+        ) from None
     if blank:
         raise CLIError(f"Dataset file '{path}' is empty: write one prompt per row.")
 
@@ -175,5 +177,5 @@ def _json_error(path: str) -> str | None:
         except json.JSONDecodeError as error:
             return f"line {number}: not valid JSON ({error.msg}, column {error.colno}). Write one JSON object a line."
         if not isinstance(row, dict):
-            return f"line {number}: a JSON {type(row).__name__}; every row must be an object ({{\"prompt\": ...}})."
+            return f'line {number}: a JSON {type(row).__name__}; every row must be an object ({{"prompt": ...}}).'
     return None

@@ -72,7 +72,7 @@ def _answers(dataset, column: str, flag: str, missing_ok: bool = False) -> list[
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values) or not (values or missing_ok):
             raise CLIError(
                 f"{flag} '{column}', row {row}: {value!r} ({type(value).__name__}); each answer must be a string or a "
-                "non-empty list of strings. Write numbers as strings (\"42\")."
+                'non-empty list of strings. Write numbers as strings ("42").'
             )
         answers.append(values)
     return answers

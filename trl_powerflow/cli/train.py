@@ -149,7 +149,11 @@ def train(script_args: PowerFlowScriptArguments, training_args: PowerFlowConfig,
         trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         with named_save_errors(training_args.output_dir):
             trainer.save_model(training_args.output_dir)
-    except (DataError, ResumeRefusedError, SaveFailedError) as error:  # a bad streamed row, a foreign checkpoint, a full disk
+    except (
+        DataError,
+        ResumeRefusedError,
+        SaveFailedError,
+    ) as error:  # a bad streamed row, a foreign checkpoint, a full disk
         raise CLIError(error) from None
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
