@@ -103,7 +103,7 @@ def _shared_passes(run, together=False):
     rank0, rank1 = (json.loads((run / f"shared_passes_rank{rank}.json").read_text()) for rank in (0, 1))
     if together:
         assert rank0 == rank1
-    return [a or b for a, b in zip(rank0, rank1)]
+    return [a or b for a, b in zip(rank0, rank1, strict=True)]
 
 
 # ZeRO-2 with the learned head is left out: on two CPU processes it drifts from the one-process run from its second

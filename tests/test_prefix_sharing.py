@@ -11,7 +11,7 @@ import transformers
 from conftest import make_config, make_model, make_tokenizer
 from datasets import Dataset
 from peft import LoraConfig
-from trl import GRPOConfig
+from trl import GRPOConfig, GRPOTrainer
 
 import trl_powerflow.prefix_sharing
 from trl_powerflow import PowerFlowTrainer, SharedPrefixGRPOTrainer
@@ -110,7 +110,7 @@ def test_shared_prefix_matches_the_unshared_pass(tmp_path, name, lora, gradient_
     length = completion_mask.size(1)
 
     def unshared(model, ids, mask):
-        logps, entropies, _ = PowerFlowTrainer.__mro__[1]._get_per_token_logps_and_entropies(
+        logps, entropies, _ = GRPOTrainer._get_per_token_logps_and_entropies(
             trainer, model, ids, mask, length, compute_entropy=True
         )
         return logps, entropies

@@ -226,12 +226,17 @@ def test_evaluation_batches_leave_the_non_finite_batch_counter_alone(tmp_path, t
     out = powerflow_loss(nan, nan, torch.ones(2, 2), torch.zeros(2), alpha=2.0)
     assert not out.valid.any()
     trainer._non_finite_batches = 3
-    trainer._log_metrics(out, torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([0, 0]), "eval")
-    assert trainer._non_finite_batches == 3
-    trainer._log_metrics(out, torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([0, 0]), "train")
+    # Logging alone steers nothing; a training batch's counts are handed on
+    sums = trainer._log_metrics(out, torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([0, 0]), "eval")
+    assert trainer._non_finite_batches == 3 and sums["valid"] == 0 and sums["non_finite"] == 2
+    trainer._after_training_batch(sums)
     assert trainer._non_finite_batches == 4
     finite = powerflow_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.ones(2, 2), torch.zeros(2), alpha=2.0)
     trainer._log_metrics(finite, torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([0, 0]), "eval")
+    assert trainer._non_finite_batches == 4
+    # A training batch through `_compute_loss`: eval batches never reach the counter
+    trainer.model.eval()
+    trainer._compute_loss(trainer.model, trainer._generate_and_score_completions([{"prompt": "p0"}] * 8))
     assert trainer._non_finite_batches == 4
 
 

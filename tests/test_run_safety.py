@@ -13,11 +13,16 @@ import textwrap
 import time
 
 import pytest
+import torch
+from conftest import make_model
+from datasets import Dataset
 from test_cli import TRAIN_FLAGS, error_message
 from test_reliability import _assert_same_state, _StopAt, _trainer
+from trl import GRPOConfig, GRPOTrainer
 
 from trl_powerflow.cli import main
-from trl_powerflow.run_guard import LOCK_FILE, OutputDirInUseError, ResumeRefusedError, output_dir_lock
+from trl_powerflow.output_dir_lock import LOCK_FILE, OutputDirInUseError, output_dir_lock
+from trl_powerflow.run_guard import ResumeRefusedError, RunGuardMixin
 
 
 def _hold_lock_in_another_process(directory):
@@ -107,6 +112,49 @@ def test_resume_inside_a_generation_batch_continues_exactly(tmp_path, tokenizer,
     losses = {log["step"]: log["loss"] for log in full.state.log_history if "loss" in log}
     resumed_losses = [log["loss"] for log in resumed.state.log_history if "loss" in log]
     assert resumed_losses[-1] == pytest.approx(losses[4], abs=1e-6)
+
+
+class _GuardedGRPOTrainer(RunGuardMixin, GRPOTrainer):
+    pass
+
+
+def _length_reward(completions, **kwargs):
+    return [float(len(completion)) for completion in completions]
+
+
+def _grpo_trainer(output_dir, tokenizer, callbacks=None, **overrides):
+    args = GRPOConfig(
+        output_dir=str(output_dir), use_cpu=True, report_to="none", per_device_train_batch_size=8, num_generations=8,
+        max_completion_length=3, steps_per_generation=2, max_steps=4, beta=0.0, learning_rate=1e-2, logging_steps=1,
+        disable_tqdm=True, seed=0, **overrides,
+    )  # fmt: skip
+    dataset = Dataset.from_dict({"prompt": ["p0", "p1", "p0 a", "p1 b"] * 4})
+    model = make_model(tokenizer)
+    return _GuardedGRPOTrainer(
+        model, _length_reward, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks
+    )
+
+
+def test_the_run_guard_makes_a_grpo_run_resume_exactly_inside_a_generation_batch(tmp_path, tokenizer):
+    full = _grpo_trainer(tmp_path / "full", tokenizer)
+    initial = [p.detach().clone() for p in full.model.parameters()]
+    full.train()
+    assert any(not torch.equal(p, q) for p, q in zip(initial, full.model.parameters(), strict=True))  # GRPO trained
+    saving = dict(save_strategy="steps", save_steps=1)
+    _grpo_trainer(tmp_path / "run", tokenizer, callbacks=[_StopAt(3)], **saving).train()
+    assert (tmp_path / "run" / "checkpoint-3" / "generation_batch_rank0.pt").is_file()
+    owner = _hold_lock_in_another_process(tmp_path / "run")  # another run in the directory: refused
+    try:
+        with pytest.raises(OutputDirInUseError, match=f"pid {owner.pid}"):
+            _grpo_trainer(tmp_path / "run", tokenizer, **saving).train(resume_from_checkpoint=True)
+    finally:
+        owner.kill()
+        owner.wait()
+    resumed = _grpo_trainer(tmp_path / "run", tokenizer, **saving)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
+    for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
 def test_resuming_a_finished_run_takes_no_step_and_loads_its_model(tmp_path, tokenizer, caplog):

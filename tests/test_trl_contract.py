@@ -13,6 +13,7 @@ from packaging.version import Version
 from trl import GRPOTrainer
 
 from trl_powerflow import PowerFlowTrainer, PrefixSharingMixin
+from trl_powerflow.run_guard import RunGuardMixin
 
 
 def _parameters(method):
@@ -23,26 +24,30 @@ def test_trl_version_is_the_tested_one():
     assert Version("1.16") <= Version(trl.__version__) < Version("1.17")
 
 
-# Every GRPOTrainer / Trainer method PowerFlowTrainer overrides (PrefixSharingMixin's are pinned below), with the
-# parameters it relies on
+# Every GRPOTrainer / Trainer method PowerFlowTrainer itself overrides (besides `__init__`), with the parameters it
+# relies on; the mixins' are pinned apart
 PINNED = {
     "_generate_and_score_completions": ["self", "inputs"],
     "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
     "_compute_loss": ["self", "model", "inputs"],
     "_prepare_inputs": ["self", "generation_batch"],
+    "save_model": ["self", "output_dir", "_internal_call"],
+}
+# RunGuardMixin's
+RUN_GUARD_PINNED = {
     "_load_optimizer_and_scheduler": ["self", "checkpoint"],
     "_save_optimizer_and_scheduler": ["self", "output_dir"],
     "_save_checkpoint": ["self", "model", "trial"],
-    "save_model": ["self", "output_dir", "_internal_call"],
-    "log": ["self", "logs", "start_time"],
     "train": ["self", "resume_from_checkpoint", "trial"],
 }
-# The GRPOTrainer / Trainer methods it calls without overriding them
+# The GRPOTrainer / Trainer methods they call without overriding them
 CALLED = {
     "add_callback": ["self", "callback"],
     "create_model_card": ["self", "model_name"],
     "get_optimizer_cls_and_kwargs": ["args", "model"],
     "is_world_process_zero": ["self"],
+    "_load_from_checkpoint": ["self", "resume_from_checkpoint"],
+    "_get_output_dir": ["self", "trial"],
 }
 # The attributes GRPOTrainer / Trainer set that it reads or writes
 ATTRIBUTES = [
@@ -70,26 +75,25 @@ ATTRIBUTES = [
 ]
 
 
-def _overrides():
-    """The GRPOTrainer methods overridden by PowerFlowTrainer or by any class between it and GRPOTrainer."""
-    mro = PowerFlowTrainer.__mro__
+def _overridden_by(cls):
+    """The GRPOTrainer / Trainer methods `cls` itself defines, `__init__` aside."""
     return {
         name
-        for cls in mro[: mro.index(GRPOTrainer)]
         for name, value in vars(cls).items()
         if callable(value) and hasattr(GRPOTrainer, name) and not name.startswith("__")
     }
 
 
 def test_every_override_is_pinned():
-    pinned = set(PINNED) | set(PREFIX_SHARING_PINNED)
-    assert _overrides() <= pinned, sorted(_overrides() - pinned)
+    assert PowerFlowTrainer.__mro__[1:4] == (RunGuardMixin, PrefixSharingMixin, GRPOTrainer)
+    assert _overridden_by(PowerFlowTrainer) == set(PINNED)
+    assert _overridden_by(RunGuardMixin) == set(RUN_GUARD_PINNED)
+    assert _overridden_by(PrefixSharingMixin) == set(PREFIX_SHARING_PINNED)
 
 
 def test_overridden_methods_keep_their_signatures():
-    for name, expected in PINNED.items():
+    for name, expected in {**PINNED, **RUN_GUARD_PINNED}.items():
         assert _parameters(getattr(GRPOTrainer, name))[: len(expected)] == expected, name
-        assert name in _overrides(), name
     for name, expected in CALLED.items():
         assert _parameters(getattr(GRPOTrainer, name))[: len(expected)] == expected, name
     # The policy pass takes a MoE router's aux loss and a vision-language model's image inputs as GRPO's does

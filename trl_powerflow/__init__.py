@@ -12,6 +12,7 @@ from .config import PowerFlowConfig  # noqa: E402
 from .log_z import LogZ  # noqa: E402
 from .objective import PowerFlowLossOutput, powerflow_loss  # noqa: E402
 from .prefix_sharing import PrefixSharingMixin, SharedPrefixGRPOTrainer  # noqa: E402
+from .run_guard import RunGuardMixin  # noqa: E402
 from .trainer import PowerFlowTrainer  # noqa: E402
 
 
@@ -23,6 +24,7 @@ __all__ = [
     "PowerFlowLossOutput",
     "PowerFlowTrainer",
     "PrefixSharingMixin",
+    "RunGuardMixin",
     "SharedPrefixGRPOTrainer",
     "powerflow_loss",
 ]

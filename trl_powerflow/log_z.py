@@ -231,6 +231,23 @@ class LogZOptimizerCallback(TrainerCallback):
         optimizer = optimizer_cls([group], **{**optimizer_kwargs, "lr": args.log_z_learning_rate})
         return cls(log_z, optimizer, trainer.accelerator)
 
+    def log_z_for(self, objective, prompt_features: torch.Tensor, training: bool) -> torch.Tensor:
+        """
+        log Z'(x) from the head; the head starts at the first training batch (the data-driven start). `objective`
+        maps `log_z` to the loss's output (see [`powerflow_loss`]).
+        """
+        if training and not self.log_z.initialized:
+            # Fit log Z'(x) to the values that zero this batch's residuals (r = log Z' - t, so t = -r at log Z' = 0),
+            # on the same data on every process so that the head stays identical everywhere
+            with torch.no_grad():
+                gap = objective(log_z=prompt_features.new_zeros(prompt_features.size(0)))
+            valid = self.accelerator.gather(gap.valid)
+            if valid.any():  # a batch without a finite residual says nothing about log Z: wait for the next one
+                self.log_z.fit_start(
+                    self.accelerator.gather(prompt_features)[valid], -self.accelerator.gather(gap.residual)[valid]
+                )
+        return self.log_z(prompt_features)
+
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.accelerator.num_processes > 1:
             for param in self.log_z.parameters():

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .run_guard import check_writable, file_lock
+from .output_dir_lock import check_writable, file_lock
 
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ soft-capping and chunking are TRL's. Generation (transformers' `generate`) start
 distinct prompt is prefilled once, and its samples are decoded from it, with the same sampling as from scratch.
 """
 
-import contextlib
 import copy
 import inspect
 from functools import partial
@@ -23,23 +22,14 @@ from functools import partial
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import logging
 from trl import GRPOTrainer
 
+from .compat import cache_argument, checkpointed_layers_keep_the_cache, unwrap_peft
 from .groups import prompt_groups
 
 
 logger = logging.get_logger(__name__)
-
-
-def _cache_argument(model) -> str:
-    """transformers renamed `past_key_values` to `cache` during 5.x: the name this model's forward takes."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-def _base_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 # A shared pass makes two model calls instead of one: worth it only when it saves a real share of the positions
@@ -59,7 +49,7 @@ def _off(reason: str):
 
 def unshareable_cache(model) -> str | None:
     """Why the key/value cache of `model` cannot be shared between the samples of a prompt, or `None` when it can."""
-    base_model = _base_model(model)
+    base_model = unwrap_peft(model)
     parameters = inspect.signature(type(base_model).forward).parameters
     if "cache" not in parameters and "past_key_values" not in parameters:
         return f"for {type(base_model).__name__}: its forward takes no key/value cache"
@@ -72,7 +62,7 @@ def unshareable_cache(model) -> str | None:
 
 def custom_generate(model) -> str | None:
     """The qualified name of `model.generate` (or of its base model's) when it is not transformers' or PEFT's own."""
-    for module in dict.fromkeys([model, _base_model(model)]):
+    for module in dict.fromkeys([model, unwrap_peft(model)]):
         generate = getattr(module, "generate", None)
         function = getattr(generate, "__func__", generate)
         if "generate" in vars(module) or getattr(function, "__module__", None) not in _STANDARD_GENERATE:
@@ -118,17 +108,17 @@ def generate_from_shared_prefill(model, generate, input_ids, attention_mask=None
     if not agree(bool(shared)):
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     groups, first = shared
-    base_model = _base_model(model)
+    base_model = unwrap_peft(model)
     cache = DynamicCache(config=base_model.config)
     prefix_ids, prefix_mask = input_ids[first, :-1], attention_mask[first, :-1]
     decoder = base_model.get_decoder()  # no logits needed
-    prefill_kwargs = {_cache_argument(decoder): cache}
+    prefill_kwargs = {cache_argument(decoder): cache}
     if "position_ids" in inspect.signature(type(base_model).forward).parameters:
         # The positions `generate` gives the prompt (counted from its first token, past the left padding)
         prefill_kwargs["position_ids"] = (prefix_mask.cumsum(-1) - 1).masked_fill(prefix_mask == 0, 0)
     decoder(input_ids=prefix_ids, attention_mask=prefix_mask, **prefill_kwargs)
     cache.batch_select_indices(groups)
-    kwargs[_cache_argument(base_model)] = cache
+    kwargs[cache_argument(base_model)] = cache
     return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
@@ -152,20 +142,20 @@ def shared_prefix_logps(
         return None
     groups, first = shared
 
-    base_model = _base_model(prefix_model)
-    cache_argument = _cache_argument(base_model)
+    base_model = unwrap_peft(prefix_model)
+    cache_name = cache_argument(base_model)
     prefix_cache = _replayable(DynamicCache(config=base_model.config), write=True)
     suffix_ids = input_ids[:, prefix_length:]
     # Position j of the suffix predicts its token j + 1: the completion's tokens, -100 where padded
     labels = suffix_ids[:, 1:].masked_fill(attention_mask[:, prefix_length + 1 :] == 0, -100)
     labels = torch.cat([labels, torch.full_like(labels[:, :1], -100)], dim=1)
-    with _checkpointed_layers_keep_the_cache(base_model):
+    with checkpointed_layers_keep_the_cache(base_model):
         # The decoder alone: no logits are needed, and under ZeRO-3 a call of the LM head module leaves its weight
         # gathered when the suffix pass's fused head reads it, which then skips its own gathering (and its backward
         # fails on the released weight)
         decoder = base_model.get_decoder()
         decoder(
-            input_ids=prefix_ids[first], attention_mask=prefix_mask[first], **{_cache_argument(decoder): prefix_cache}
+            input_ids=prefix_ids[first], attention_mask=prefix_mask[first], **{cache_argument(decoder): prefix_cache}
         )
         # Each row gets its prompt's keys and values (an indexing, so the gradient sums over the group)
         suffix_cache = copy.copy(prefix_cache)
@@ -176,7 +166,7 @@ def shared_prefix_logps(
             attention_mask=attention_mask,
             shift_labels=labels,
             fused_lm_head=True,
-            **{cache_argument: _replayable(suffix_cache, write=False)},
+            **{cache_name: _replayable(suffix_cache, write=False)},
         )
     logps = out.log_probs[:, :-1]
     entropies = out.entropy[:, :-1] if compute_entropy else None
@@ -215,20 +205,6 @@ def _restore(layer, state):
     for key in [key for key in vars(layer) if key != "update"]:
         delattr(layer, key)
     vars(layer).update(state)
-
-
-@contextlib.contextmanager
-def _checkpointed_layers_keep_the_cache(model):
-    """Under gradient checkpointing, decoder layers drop the cache unless they declare that they only read it in a
-    replay, which `_replayable` makes true."""
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for layer in layers:
-        layer._can_checkpoint_with_cache = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer._can_checkpoint_with_cache
 
 
 class PrefixSharingMixin:

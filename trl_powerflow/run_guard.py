@@ -1,39 +1,39 @@
 """
-A run that is never lost or overwritten.
+A run that is never lost or overwritten: [`RunGuardMixin`] gives any GRPO trainer what follows.
 
-- `output_dir_lock`: one owner per output directory. The main process holds `output_dir/.powerflow.lock` (an `flock`
-  on a file that names the owner's pid, host and start time) for the whole run; a second run into the same directory
-  stops at once, naming the owner. The kernel drops an `flock` when its process dies, so a lock file left by a killed
-  run is recognised as stale and taken over, with a log line.
+- One owner per output directory for the whole run (`output_dir_lock.py`).
 - `run_identity` / `check_run_identity`: each checkpoint records the settings that change the result; resuming compares
   them and refuses a checkpoint of another run, naming the fields that differ.
 - `save_generation_buffer` / `load_generation_buffer`: a checkpoint taken inside a generation batch carries the rest of
   that batch, so that the resumed run continues exactly.
+- `last_complete_checkpoint`: Trainer resumes from the highest-numbered checkpoint, even one a crash left half-written
+  (a state file missing or cut short); this takes the last one whose save finished.
+- A run resumed at its last step takes no step (Trainer takes one more).
 - `named_save_errors`: a save that fails for lack of space or permission says which directory and why.
 """
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
+import re
 import shutil
-import socket
-import time
 
 import torch
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from transformers.utils import logging
 
 from ._io import atomic_path
+from .compat import unwrap_peft
+from .output_dir_lock import output_dir_lock
 
 
 logger = logging.get_logger(__name__)
 
-LOCK_FILE = ".powerflow.lock"
 RUN_IDENTITY_FILE = "powerflow_run.json"
 GENERATION_BUFFER_FILE = "generation_batch_rank{rank}.pt"
-LOCKED_BY_LAUNCHER = "TRL_POWERFLOW_OUTPUT_DIR_LOCKED"
-"""Set by `trl-powerflow train --num_processes N` for the processes it launches: it holds this directory's lock."""
 
 # The settings of a run that change its result (`max_steps` is not one: raising it extends a finished run)
 IDENTITY_FIELDS = (
@@ -66,12 +66,6 @@ IDENTITY_FIELDS = (
     "reward_weights",
 )
 
-_held_locks: dict[str, None] = {}  # the real paths of the output directories this process holds
-
-
-class OutputDirInUseError(RuntimeError):
-    """Another live run owns the output directory."""
-
 
 class ResumeRefusedError(ValueError):
     """A checkpoint this run must not resume from."""
@@ -81,128 +75,10 @@ class SaveFailedError(OSError):
     """A save that failed for lack of space or permission, naming the directory."""
 
 
-def check_writable(directory: str, what: str = "output_dir") -> None:
-    """Creates `directory` if needed; raises `PermissionError` naming it when this process cannot write there."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as error:
-        raise PermissionError(error.errno, f"Cannot create {what} {directory}: {error.strerror}.") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise PermissionError(
-            errno.EACCES, f"Cannot write to {what} {directory} (read-only or not yours): choose a writable directory."
-        )
-
-
-@contextlib.contextmanager
-def file_lock(path: str, wait: bool = False):
-    """
-    An exclusive `flock` on `path` (created if needed, removed on release) inside the block. Without `wait`, raises
-    `BlockingIOError` at once when another process (or another open of the file) holds it.
-    """
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BaseException:
-            os.close(fd)
-            raise
-        # Its previous holder may have removed the file between our open and our lock: then lock the new one
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                break
-        os.close(fd)
-    try:
-        yield fd
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)  # before the unlock, so that a waiting process retries on a new file
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def output_dir_lock(output_dir: str):
-    """
-    Holds the lock of `output_dir` inside the block; raises `OutputDirInUseError` when another live run holds it.
-    The main process takes it and tells the others; a run that already holds it (or whose launcher does) passes
-    through.
-    """
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    directory = os.path.realpath(output_dir)
-    if directory in _held_locks or os.environ.get(LOCKED_BY_LAUNCHER) == directory:
-        yield
-        return
-    # One of several processes (torchrun sets WORLD_SIZE): set up the process group only then, not in a launcher
-    state = PartialState() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-    with contextlib.ExitStack() as stack:
-        refusal = None
-        if state is None or state.is_main_process:
-            try:
-                _take(stack, directory)
-            except (OutputDirInUseError, PermissionError) as error:
-                refusal = error
-        if state is not None:  # every process stops, not only the one that found the lock taken
-            refusal = broadcast_object_list([refusal])[0]
-        if refusal is not None:
-            raise refusal
-        _held_locks[directory] = None
-        try:
-            yield
-        finally:
-            del _held_locks[directory]
-
-
-def _take(stack: contextlib.ExitStack, directory: str) -> None:
-    if not os.path.isdir(directory):  # made for the lock: removed with it if the run left nothing there (a bad input)
-        stack.callback(_remove_if_empty, directory)
-    check_writable(directory)
-    path = os.path.join(directory, LOCK_FILE)
-    try:
-        fd = stack.enter_context(file_lock(path))
-    except BlockingIOError:
-        owner = _read_owner(path)
-        raise OutputDirInUseError(
-            f"{directory} is in use by another run (pid {owner.get('pid', '?')} on {owner.get('host', '?')}, started "
-            f"{owner.get('started', '?')}): two runs in one output_dir overwrite each other's checkpoints and model. "
-            "Wait for it to finish, stop it, or choose another output_dir."
-        ) from None
-    # A live run removes its lock file on release: one that names an owner while nobody holds it is a killed run's
-    previous = _parse_owner(os.pread(fd, 4096, 0))
-    if previous:
-        logger.warning(
-            f"Taking over the stale lock of {directory}: its owner (pid {previous.get('pid')} on "
-            f"{previous.get('host')}, started {previous.get('started')}) no longer runs."
-        )
-    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(owner).encode(), 0)
-
-
-def _remove_if_empty(directory: str) -> None:
-    with contextlib.suppress(OSError):
-        os.rmdir(directory)
-
-
-def _read_owner(path: str) -> dict:
-    with contextlib.suppress(OSError):
-        with open(path, "rb") as f:
-            return _parse_owner(f.read(4096))
-    return {}
-
-
-def _parse_owner(text: bytes) -> dict:
-    with contextlib.suppress(ValueError):
-        owner = json.loads(text or b"{}")
-        return owner if isinstance(owner, dict) else {}
-    return {}
-
-
 def run_identity(trainer) -> dict:
     """The settings of the trainer's run that change its result, the model and the training data's fingerprint."""
     args = trainer.args
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(trainer.accelerator.unwrap_model(trainer.model))
     identity = {"model": getattr(base.config, "_name_or_path", None) or type(base).__name__}
     identity.update({name: getattr(args, name, None) for name in IDENTITY_FIELDS})
     identity["reward_funcs"] = list(trainer.reward_func_names)
@@ -297,3 +173,126 @@ def named_save_errors(directory: str):
             f"Could not save {directory}: {cause} ({error}). The previous checkpoint is intact; free space or fix the "
             "permissions, then resume with `resume_from_checkpoint=True`.",
         ) from error
+
+
+def is_complete_checkpoint(checkpoint: str, required_files: tuple[str, ...] = ()) -> bool:
+    """
+    Whether the save of `checkpoint` finished: its trainer state (written last) is there and parses, as does its run
+    identity when there is one, and every file of `required_files` is there.
+    """
+    identity = os.path.join(checkpoint, RUN_IDENTITY_FILE)
+    return (
+        is_readable_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        and (not os.path.exists(identity) or is_readable_json(identity))
+        and all(os.path.isfile(os.path.join(checkpoint, name)) for name in required_files)
+    )
+
+
+def last_complete_checkpoint(output_dir: str, required_files: tuple[str, ...] = ()) -> str | None:
+    """The latest `checkpoint-N` in `output_dir` whose save finished (see [`is_complete_checkpoint`])."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(
+        (int(name.split("-")[-1]) for name in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", name)),
+        reverse=True,
+    )
+    for step in steps:
+        checkpoint = os.path.join(output_dir, f"checkpoint-{step}")
+        if is_complete_checkpoint(checkpoint, required_files):
+            return checkpoint
+        logger.warning(f"Skipping {checkpoint}: its save did not finish (a state file is missing or cut short).")
+    return None
+
+
+class RunGuardMixin:
+    """
+    Run safety for a GRPO trainer: `class MyTrainer(RunGuardMixin, GRPOTrainer)`.
+
+    `train` holds the output directory's lock; `resume_from_checkpoint=True` takes the last complete checkpoint; a
+    checkpoint that is incomplete or was written by a run with other settings is refused (`resume_ignore_mismatch`
+    forces it); a run resumed at its last step loads its model and takes no step. Checkpoints carry the run's identity
+    and the rest of a generation batch they fall inside, and a save that fails for lack of space names the cause.
+
+    A subclass with state of its own implements three hooks: `_run_state_files` (files a complete checkpoint holds),
+    `_save_run_state` and `_load_run_state`.
+    """
+
+    def _run_state_files(self) -> tuple[str, ...]:
+        return ()
+
+    def _save_run_state(self, output_dir: str) -> None:
+        pass
+
+    def _load_run_state(self, checkpoint: str) -> None:
+        pass
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        with output_dir_lock(self.args.output_dir):  # from the first step to the last save
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir, self._run_state_files())
+                if resume_from_checkpoint is None:
+                    raise ResumeRefusedError(
+                        f"No complete checkpoint to resume from in {self.args.output_dir}: start without "
+                        "`resume_from_checkpoint`, or point it at the directory of the run to resume."
+                    )
+            if resume_from_checkpoint:
+                if not is_complete_checkpoint(resume_from_checkpoint):  # a missing state file: named on loading
+                    raise ResumeRefusedError(
+                        f"{resume_from_checkpoint} is incomplete (its save did not finish: a state file is missing "
+                        "or cut short). Resume with `resume_from_checkpoint=True` to take the last complete one."
+                    )
+                ignore_mismatch = getattr(self.args, "resume_ignore_mismatch", False)
+                check_run_identity(run_identity(self), resume_from_checkpoint, ignore_mismatch)
+                finished = self._finished_run(resume_from_checkpoint)
+                if finished is not None:
+                    return finished
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _finished_run(self, checkpoint):
+        """A checkpoint at the last step already: its model and state loaded, no step taken."""
+        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        if self.args.max_steps > 0:
+            max_steps = self.args.max_steps
+        elif self.args.num_train_epochs == state.num_train_epochs:
+            max_steps = state.max_steps
+        else:  # another number of epochs: Trainer counts the steps anew
+            return None
+        if state.global_step < max_steps:
+            return None
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # their weights load only inside Trainer's loop
+            raise ResumeRefusedError(
+                f"{checkpoint} is already at step {state.global_step} of max_steps={max_steps}: nothing to train. Its "
+                "model is in that directory; raise `max_steps` to train further."
+            )
+        logger.warning(
+            f"{checkpoint} is already at step {state.global_step} of max_steps={max_steps}: nothing to train, its "
+            "model is loaded. Raise `max_steps` to train further."
+        )
+        self._load_from_checkpoint(checkpoint)
+        self.state = state
+        self._load_run_state(checkpoint)
+        losses = [log["loss"] for log in state.log_history if "loss" in log]
+        return TrainOutput(state.global_step, sum(losses) / max(len(losses), 1), {})
+
+    def _save_checkpoint(self, model, trial):
+        checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        with named_save_errors(os.path.join(self._get_output_dir(trial=trial), checkpoint)):
+            super()._save_checkpoint(model, trial)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            save_run_identity(run_identity(self), output_dir)
+        self._save_run_state(output_dir)
+        if self._step % (self.args.steps_per_generation * self.num_iterations):
+            save_generation_buffer(output_dir, self.accelerator.process_index, self._step, self._buffered_inputs)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Called on resume by every backend (unlike `_load_from_checkpoint`, which DeepSpeed and FSDP bypass)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        self._load_run_state(checkpoint)
+        buffered = load_generation_buffer(checkpoint, self.accelerator.process_index, self.accelerator.device)
+        if buffered is not None:  # inside a generation batch: go on with its other micro-batches, not a new one
+            self._step, self._buffered_inputs = buffered

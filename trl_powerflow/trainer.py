@@ -8,9 +8,6 @@ from functools import partial
 
 import torch
 from accelerate.utils import DistributedType, is_peft_model
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_callback import TrainerState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import (
@@ -30,24 +27,8 @@ from .log_z import LOG_Z_FILE, LogZ, LogZOptimizerCallback, captured_prompt_feat
 from .objective import group_mean, powerflow_loss
 from .prefix_sharing import PrefixSharingMixin
 from .rewards import check_reward_models, checked_reward_func
-from .run_guard import (
-    ResumeRefusedError,
-    check_run_identity,
-    load_generation_buffer,
-    named_save_errors,
-    output_dir_lock,
-    run_identity,
-    save_generation_buffer,
-    save_run_identity,
-)
-from .trl_seams import (
-    MULTIMODAL_INPUTS,
-    attribute_set_to,
-    is_complete_checkpoint,
-    last_complete_checkpoint,
-    no_reward,
-    prepare_in_memory_base,
-)
+from .run_guard import RunGuardMixin
+from .trl_seams import MULTIMODAL_INPUTS, attribute_set_to, no_reward, prepare_in_memory_base
 
 
 logger = logging.get_logger(__name__)
@@ -55,29 +36,28 @@ logger = logging.get_logger(__name__)
 _MAX_NON_FINITE_BATCHES = 8
 
 
-class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
+class PowerFlowTrainer(RunGuardMixin, PrefixSharingMixin, GRPOTrainer):
     """
     Trainer for PowerFlow ([arXiv 2603.18363](https://arxiv.org/abs/2603.18363)): unsupervised fine-tuning that
     trains the model to sample from `p_base(y|x)^alpha`, the α-power of its own base distribution.
 
     A drop-in replacement for [`~trl.GRPOTrainer`]: it takes the same arguments and reuses GRPO's generation
-    (transformers or vLLM), prompt handling, PEFT and quantisation, logging and checkpoints. What differs from GRPO:
+    (transformers or vLLM), prompt handling, PEFT and quantisation, logging and checkpoints. It adds prefix sharing
+    ([`PrefixSharingMixin`]: each prompt computed once for all of its samples) and run safety ([`RunGuardMixin`]: one
+    run per output directory, checked and exact resume), and overrides:
 
-    - the loss (`_compute_loss`): [`powerflow_loss`], length-aware trajectory balance towards p_base^α, in place of
-      advantages and a KL term. `reward_funcs` is optional: without it training is fully unsupervised; with it, the
-      weighted sum of the rewards is the sequence-level term ψ(y) inside the α bracket of the target;
-    - the base model's log-probabilities are TRL's reference log-probabilities, always computed (the adapter-disabled
-      model with PEFT, a frozen reference otherwise; `beta` is never a coefficient);
-    - log Z'(x) comes from each prompt's group of samples (the default), so a generation batch is shuffled by whole
-      prompt groups (`_prepare_inputs`); or from a learned head owned by the trainer (its own optimizer at a
-      constant learning rate, saved with every checkpoint as `log_z.safetensors`);
-    - prefix sharing ([`PrefixSharingMixin`]): each prompt is computed once for all of its samples, in generation and
-      in both scoring passes;
-    - with `num_iterations > 1`, the old policy's log-probs come from the first optimisation pass, not an extra
-      forward;
-    - tool and environment outputs (GRPO's `tool_mask`, a `rollout_func`'s `env_mask`) are context, not the model's
-      tokens: out of the loss and of |y|, while the base log-probs of the model's tokens are conditioned on them. The
-      target is then p_base^α over the model's own tokens given the tool outputs, tilted on their number.
+    - `__init__`: the base model is TRL's reference model, always built (`beta` is a switch here, never a coefficient:
+      no KL term); `reward_funcs` is optional; the log Z head (learned estimator) and the α controller are set up;
+    - `_prepare_inputs`: a generation batch is shuffled by whole prompt groups, so that the group estimate of log Z'(x)
+      sees every sample of a prompt, and the loss is a mean over the optimizer step's sequences;
+    - `_calculate_rewards`: each reward function's output is checked where it is returned, naming the function;
+    - `_generate_and_score_completions`: keeps the weighted sum of the rewards as ψ(y), the sequence-level term inside
+      the α bracket of the target, in place of GRPO's advantages; with `num_iterations > 1` the old policy's log-probs
+      come from the first optimisation pass, not an extra forward;
+    - `_compute_loss`: [`powerflow_loss`], length-aware trajectory balance towards p_base^α. Tool and environment
+      outputs (GRPO's `tool_mask`) are context, not the model's tokens: out of the loss and of |y|, while the base
+      log-probs of the model's tokens are conditioned on them;
+    - `save_model`: the learned log Z head is saved beside the model.
 
     The workarounds for TRL's internals are gathered, with their reasons, in `trl_seams.py`.
 
@@ -242,6 +222,9 @@ class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
             start = self.accelerator.process_index * num_local
             output["psi"] = psi[start : start + num_local]
         mode = "train" if self.model.training else "eval"
+        if not self.reward_funcs:  # GRPO's reward statistics mean nothing without reward functions
+            for name in ["reward", "reward_std", "frac_reward_zero_std"]:
+                self._metrics[mode].pop(name, None)
         rates = [
             repeated_ngram_rate(ids[mask.bool()].tolist())
             for ids, mask in zip(output["completion_ids"].cpu(), output["completion_mask"].cpu(), strict=True)
@@ -290,7 +273,7 @@ class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
         if self.log_z is None:
             out = objective(log_z=None, groups=groups)
         else:
-            out = objective(log_z=self._learned_log_z(objective, prompt_features(), mode))
+            out = objective(log_z=self.log_z_optimizer.log_z_for(objective, prompt_features(), mode == "train"))
 
         if mode == "train" and "old_per_token_logps" not in inputs and self._reuses_first_pass():
             inputs["old_per_token_logps"] = policy_logps.detach()  # the buffered micro-batch: later passes see them
@@ -302,7 +285,9 @@ class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
             normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._log_metrics(out, entropies, mask, groups, mode)
+        sums = self._log_metrics(out, entropies, mask, groups, mode)
+        if mode == "train":
+            self._after_training_batch(sums)
         return loss
 
     @property
@@ -314,22 +299,8 @@ class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
         """α at this optimizer step (fixed, warming up, or entropy-targeted: see [`AlphaController`])."""
         return self.alpha_controller.alpha(self.state.global_step)
 
-    def _learned_log_z(self, objective, prompt_features, mode):
-        """log Z'(x) from the head, started at the first training batch (the data-driven start)."""
-        if mode == "train" and not self.log_z.initialized:
-            # Fit log Z'(x) to the values that zero this batch's residuals (r = log Z' - t, so t = -r at log Z' = 0),
-            # on the same data on every process so that the head stays identical everywhere
-            with torch.no_grad():
-                gap = objective(log_z=prompt_features.new_zeros(prompt_features.size(0)))
-            valid = self.accelerator.gather(gap.valid)
-            if valid.any():  # a batch without a finite residual says nothing about log Z: wait for the next one
-                self.log_z.fit_start(
-                    self.accelerator.gather(prompt_features)[valid], -self.accelerator.gather(gap.residual)[valid]
-                )
-        return self.log_z(prompt_features)
-
     def _log_metrics(self, out, entropies, mask, groups, mode):
-        """Means over the valid sequences of all processes, with one reduction."""
+        """Logs means over the valid sequences of all processes (one reduction); returns the summed counts."""
         valid = out.valid.float()
         per_sequence = out.per_sequence_metrics()
         if self.log_z is not None:
@@ -352,13 +323,15 @@ class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
         self._metrics[mode]["powerflow/non_finite_sequences"].append(sums["non_finite"])
         self._metrics[mode]["powerflow/alpha"].append(self.current_alpha())
         self._metrics[mode]["entropy"].append(sums["entropy"] / max(sums["tokens"], 1.0))
-        if mode != "train":
-            return
+        return sums
+
+    def _after_training_batch(self, sums):
+        """Feeds the batch's entropy to an entropy-targeted α; stops after too many batches with nothing finite."""
         controller = self.alpha_controller
         if controller.adaptive:
             controller.observe(sums["entropy"], sums["tokens"])
             if controller.target() is not None:
-                self._metrics[mode]["powerflow/target_entropy"].append(controller.target())
+                self._metrics["train"]["powerflow/target_entropy"].append(controller.target())
         # Non-finite rows are left out of the loss; a training batch with nothing else to learn from is a problem
         self._non_finite_batches = self._non_finite_batches + 1 if sums["valid"] == 0 and sums["non_finite"] else 0
         if self._non_finite_batches >= _MAX_NON_FINITE_BATCHES:
@@ -369,73 +342,16 @@ class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
                 "learning rate, or resume from the last checkpoint."
             )
 
-    def log(self, logs, start_time=None):
-        if not self.reward_funcs:  # GRPO's reward statistics mean nothing without reward functions
-            for name in ["reward", "reward_std", "frac_reward_zero_std"]:
-                self._metrics["train"].pop(name, None)
-                self._metrics["eval"].pop(name, None)
-        super().log(logs, start_time)
+    # RunGuardMixin's hooks: the learned head and its optimizer, and α's controller, are part of a checkpoint
+    def _run_state_files(self):
+        return (LOG_Z_FILE,) if self.log_z is not None else ()
 
-    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
-        # One run per output directory, from the first step to the last save (see `run_guard.py`)
-        with output_dir_lock(self.args.output_dir):
-            if resume_from_checkpoint is True:
-                # Trainer takes the highest-numbered checkpoint, even one left half-written by a crash during its save
-                resume_from_checkpoint = last_complete_checkpoint(
-                    self.args.output_dir, with_log_z=self.log_z is not None
-                )
-                if resume_from_checkpoint is None:
-                    raise ResumeRefusedError(
-                        f"No complete checkpoint to resume from in {self.args.output_dir}: start without "
-                        "`resume_from_checkpoint`, or point it at the directory of the run to resume."
-                    )
-            if resume_from_checkpoint:
-                if not is_complete_checkpoint(resume_from_checkpoint, with_log_z=False):  # log Z: named on loading
-                    raise ResumeRefusedError(
-                        f"{resume_from_checkpoint} is incomplete (its save did not finish: a state file is missing "
-                        "or cut short). Resume with `resume_from_checkpoint=True` to take the last complete one."
-                    )
-                check_run_identity(run_identity(self), resume_from_checkpoint, self.args.resume_ignore_mismatch)
-                finished = self._finished_run(resume_from_checkpoint)
-                if finished is not None:
-                    return finished
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+    def _save_run_state(self, output_dir):
+        if self.args.should_save and self.log_z is not None:
+            self.log_z_optimizer.save(output_dir)  # the head itself: `save_model`
 
-    def _finished_run(self, checkpoint):
-        """A checkpoint at the last step already: its model and state loaded, no step taken (Trainer takes one)."""
-        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
-        if self.args.max_steps > 0:
-            max_steps = self.args.max_steps
-        elif self.args.num_train_epochs == state.num_train_epochs:
-            max_steps = state.max_steps
-        else:  # another number of epochs: Trainer counts the steps anew
-            return None
-        if state.global_step < max_steps:
-            return None
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # their weights load only inside Trainer's loop
-            raise ResumeRefusedError(
-                f"{checkpoint} is already at step {state.global_step} of max_steps={max_steps}: nothing to train. Its "
-                "model is in that directory; raise `max_steps` to train further."
-            )
-        logger.warning(
-            f"{checkpoint} is already at step {state.global_step} of max_steps={max_steps}: nothing to train, its "
-            "model is loaded. Raise `max_steps` to train further."
-        )
-        self._load_from_checkpoint(checkpoint)
+    def _load_run_state(self, checkpoint):
         if self.log_z is not None:
-            self.log_z.load(checkpoint)
-        self.state = state
-        losses = [log["loss"] for log in state.log_history if "loss" in log]
-        return TrainOutput(state.global_step, sum(losses) / max(len(losses), 1), {})
-
-    def _save_checkpoint(self, model, trial):
-        checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        with named_save_errors(os.path.join(self._get_output_dir(trial=trial), checkpoint)):
-            super()._save_checkpoint(model, trial)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        # Called on resume by every backend (unlike `_load_from_checkpoint`, which DeepSpeed and FSDP bypass)
-        if checkpoint is not None and self.log_z is not None:
             if not os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE)):
                 raise FileNotFoundError(
                     f"{checkpoint} has no {LOG_Z_FILE}: it was not written by PowerFlowTrainer, so log Z cannot be "
@@ -443,23 +359,9 @@ class PowerFlowTrainer(PrefixSharingMixin, GRPOTrainer):
                 )
             self.log_z.load(checkpoint)
             self.log_z_optimizer.load(checkpoint)
-        super()._load_optimizer_and_scheduler(checkpoint)
-        alpha_state = self.state.stateful_callbacks.get(AlphaController.__name__) if checkpoint is not None else None
+        alpha_state = self.state.stateful_callbacks.get(AlphaController.__name__)
         if alpha_state:  # Trainer restores callbacks only with `restore_callback_states_from_checkpoint`: α always is
             self.alpha_controller.restore(alpha_state)
-        if checkpoint is not None:
-            buffered = load_generation_buffer(checkpoint, self.accelerator.process_index, self.accelerator.device)
-            if buffered is not None:  # inside a generation batch: go on with its other micro-batches, not a new one
-                self._step, self._buffered_inputs = buffered
-
-    def _save_optimizer_and_scheduler(self, output_dir):
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
-            save_run_identity(run_identity(self), output_dir)
-            if self.log_z is not None:
-                self.log_z_optimizer.save(output_dir)
-        if self._step % (self.args.steps_per_generation * self.num_iterations):
-            save_generation_buffer(output_dir, self.accelerator.process_index, self._step, self._buffered_inputs)
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)

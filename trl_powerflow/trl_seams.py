@@ -9,25 +9,14 @@ TRL code each relies on.
   removed right after.
 - `prepare_in_memory_base`: TRL reloads a full fine-tuning reference from `config._name_or_path`, which a model passed
   as an object may lack or no longer match; a frozen copy of the object serves instead.
-- `last_complete_checkpoint`: Trainer resumes from the highest-numbered checkpoint, even one a crash left half-written
-  (a state file missing or cut short).
 - `MULTIMODAL_INPUTS`: the image inputs GRPO's passes take, which PowerFlow's policy pass takes too.
 """
 
 import contextlib
-import os
-import re
 
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.utils import logging
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
-from .log_z import LOG_Z_FILE
-from .run_guard import RUN_IDENTITY_FILE, is_readable_json
-
-
-logger = logging.get_logger(__name__)
 
 # What a vision-language model's passes take besides the tokens: `_compute_loss` hands the policy pass the same
 # inputs GRPO's hands it
@@ -70,32 +59,3 @@ def prepare_in_memory_base(trainer, base_model):
     if trainer.is_fsdp_enabled:
         return prepare_fsdp(base_model, trainer.accelerator)
     return trainer.accelerator.prepare_model(base_model, evaluation_mode=True)
-
-
-def last_complete_checkpoint(output_dir: str, with_log_z: bool = True) -> str | None:
-    """The latest `checkpoint-N` in `output_dir` whose save finished (see [`is_complete_checkpoint`])."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted(
-        (int(name.split("-")[-1]) for name in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", name)),
-        reverse=True,
-    )
-    for step in steps:
-        checkpoint = os.path.join(output_dir, f"checkpoint-{step}")
-        if is_complete_checkpoint(checkpoint, with_log_z):
-            return checkpoint
-        logger.warning(f"Skipping {checkpoint}: its save did not finish (a state file is missing or cut short).")
-    return None
-
-
-def is_complete_checkpoint(checkpoint: str, with_log_z: bool = True) -> bool:
-    """
-    Whether the save of `checkpoint` finished: its trainer state (written last) is there and parses, as does its run
-    identity when there is one, and its log Z head is there when `with_log_z`.
-    """
-    identity = os.path.join(checkpoint, RUN_IDENTITY_FILE)
-    return (
-        is_readable_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
-        and (not os.path.exists(identity) or is_readable_json(identity))
-        and (not with_log_z or os.path.isfile(os.path.join(checkpoint, LOG_Z_FILE)))
-    )

@@ -77,9 +77,9 @@ def _parse(parser: TrlParser, argv: list[str]):
 
 @contextlib.contextmanager
 def holding_output_dir(output_dir: str):
-    """The lock of `output_dir` (see `run_guard`) inside the block; a user error if another run holds it, or if the
-    directory cannot be written."""
-    from ..run_guard import OutputDirInUseError, output_dir_lock
+    """The lock of `output_dir` (see `output_dir_lock.py`) inside the block; a user error if another run holds it, or
+    if the directory cannot be written."""
+    from ..output_dir_lock import OutputDirInUseError, output_dir_lock
 
     with contextlib.ExitStack() as stack:
         try:

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from ..run_guard import LOCKED_BY_LAUNCHER
+from ..output_dir_lock import LOCKED_BY_LAUNCHER
 from .common import CLIError, holding_output_dir
 
 
