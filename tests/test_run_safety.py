@@ -96,7 +96,10 @@ def test_resuming_another_runs_checkpoint_is_refused_naming_the_fields(tmp_path,
     assert "alpha 4.0 -> 0.5, seed 0 -> 1. Resuming anyway" in caplog.text
 
 
-@pytest.mark.parametrize("batching", [dict(steps_per_generation=2), dict(num_iterations=2)])
+@pytest.mark.parametrize(
+    "batching",
+    [dict(steps_per_generation=2), dict(num_iterations=2), dict(steps_per_generation=2, log_z_estimator="learned")],
+)
 def test_resume_inside_a_generation_batch_continues_exactly(tmp_path, tokenizer, batching):
     config = dict(max_steps=4, **batching)
     full = _trainer(tmp_path / "full", tokenizer, **config)
