@@ -63,6 +63,7 @@ def worker(args):
     config = PowerFlowConfig(
         output_dir=tempfile.mkdtemp(prefix=f"zero3-{args.worker}-"),
         ddp_backend="gloo",
+        bf16=False,
         per_device_train_batch_size=16,  # 2 prompts x 8 samples on each process
         num_generations=8,
         max_completion_length=args.max_completion_length,
