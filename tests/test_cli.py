@@ -313,6 +313,7 @@ BAD_NUMBERS = [
     (["demo", "--num_eval_prompts", "0"], "--num_eval_prompts must be at least 1, got 0."),
     (["demo", "--num_threads", "0"], "--num_threads must be at least 1, got 0."),
     (["demo", "--num_generations", "1"], "at least 2 generations per prompt"),  # the training config's own check
+    (["demo", "--gradient_accumulation_steps", "3"], "steps 3 must divide --prompts_per_step 4"),
 ]
 
 

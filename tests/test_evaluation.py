@@ -267,6 +267,21 @@ def test_generate_samples_shapes_counts_and_chat_template(tokenizer):
     assert len({tuple(ids) for row in greedy.token_ids for ids in row}) == 1
 
 
+def test_the_samples_of_a_prompt_share_its_prefill(tokenizer, monkeypatch):
+    import trl_powerflow.decoding
+
+    model = make_model(tokenizer)
+    prompts = ["p0", "p1 a", "p0"]
+    shared = ev.generate_samples(model, tokenizer, prompts, 4, 5, batch_size=8, seed=0, progress=False)
+    monkeypatch.setattr(trl_powerflow.decoding, "_shareable", lambda model: False)
+    alone = ev.generate_samples(model, tokenizer, prompts, 4, 5, batch_size=8, seed=0, progress=False)
+    assert shared.token_ids == alone.token_ids
+    for a, b in zip(shared.logps, alone.logps, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    # Batches of 8 rows: "p0" x4 + "p1 a" x4, then "p0" x4: 3 prefills in place of 12
+    assert shared.forward_tokens < alone.forward_tokens
+
+
 def test_generate_samples_draws_the_tempered_distribution_exactly(toy):
     tokenizer, model = toy
     completions = enumerate_completions(len(tokenizer), tokenizer.eos_token_id, 3)

@@ -69,6 +69,12 @@ def eval_mode(model):
         model.train(was_training)
 
 
+def _shareable(model) -> bool:
+    from .prefix_sharing import unshareable_cache
+
+    return unshareable_cache(model) is None
+
+
 @dataclass
 class Continuations:
     """What [`sample_continuations`] returns, one entry per row."""
@@ -99,11 +105,24 @@ def sample_continuations(model, prefixes, limits, temperature, stop_ids, pad_id,
 
     cache_name = cache_argument(model)
     kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    # The samples of a prompt share its prefix: each distinct prefix is prefilled once and its cache handed to its rows
+    distinct = {}
+    rows = torch.tensor([distinct.setdefault(tuple(prefix), i) for i, prefix in enumerate(prefixes)], device=device)
+    shared = len(distinct) < batch and _shareable(model)
+    first = torch.tensor(list(distinct.values()), device=device) if shared else slice(None)
     outputs = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kwargs
+        input_ids=input_ids[first],
+        attention_mask=attention_mask[first],
+        position_ids=position_ids[first],
+        use_cache=True,
+        **kwargs,
     )
-    forward_tokens = batch * width
+    forward_tokens = (len(distinct) if shared else batch) * width
     past, logits = returned_cache(outputs), outputs.logits[:, -1].float()
+    if shared:  # row i takes the cache and logits of its prefix's first row
+        index = torch.searchsorted(first, rows)
+        past.batch_select_indices(index)
+        logits = logits[index]
     positions = position_ids[:, -1]
 
     tokens, logps, logqs = [], [], []

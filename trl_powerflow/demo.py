@@ -34,6 +34,13 @@ class DemoArguments:
     alpha: float = field(default=4.0, metadata={"help": "Power of the target p_base(y|x)^alpha (> 1 sharpens)."})
     max_steps: int = field(default=30, metadata={"help": "Training steps."})
     prompts_per_step: int = field(default=4, metadata={"help": "Distinct prompts per step."})
+    gradient_accumulation_steps: int = field(
+        default=2,
+        metadata={
+            "help": "Micro-batches per step, each with whole prompt groups: the same step in parts, with less memory "
+            "(the activations of one part at a time). Must divide prompts_per_step."
+        },
+    )
     num_generations: int = field(default=8, metadata={"help": "Sampled completions per prompt during training."})
     max_completion_length: int = field(
         default=12, metadata={"help": "Longest completion in tokens, in training and evaluation."}
@@ -124,6 +131,7 @@ DEMO_MINIMUMS = {
     "alpha": 0,
     "max_steps": 1,
     "prompts_per_step": 1,
+    "gradient_accumulation_steps": 1,
     "num_generations": 1,
     "max_completion_length": 1,
     "learning_rate": 0,
@@ -147,13 +155,19 @@ def training_config(args: DemoArguments):
 
     from . import PowerFlowConfig
 
+    if args.prompts_per_step % args.gradient_accumulation_steps:
+        raise ValueError(
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must divide --prompts_per_step "
+            f"{args.prompts_per_step}: each micro-batch holds whole prompt groups (the group estimate of log Z)."
+        )
     on_cpu = not torch.cuda.is_available()
     config = PowerFlowConfig(
         output_dir=args.output_dir,
         alpha=args.alpha,
         learning_rate=args.learning_rate,
         log_z_estimator=args.log_z_estimator,
-        per_device_train_batch_size=args.prompts_per_step * args.num_generations,
+        per_device_train_batch_size=args.prompts_per_step // args.gradient_accumulation_steps * args.num_generations,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         num_generations=args.num_generations,
         max_completion_length=args.max_completion_length,
         max_steps=args.max_steps,
