@@ -13,15 +13,6 @@ def user(content, role="user"):
     return [{"role": role, "content": content}]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = make_tokenizer()
-    make_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 # (prompts, the bad row, what the message says); rows of mixed types are stored as datasets' JSON type
 BAD_PROMPTS = [
     (["p0", "p1", ""], 2, "the prompt is empty"),
