@@ -211,7 +211,8 @@ def _decoder(model):
 
 class LogZOptimizerCallback(TrainerCallback):
     """
-    Steps the learned head with an optimizer of its own, right after each optimizer step of the policy.
+    The learned head's training: its data-driven start ([`log_z_for`]) and an optimizer of its own, stepped right after
+    each optimizer step of the policy.
 
     Its own, not a group in the policy's: the head tracks a target that moves with the policy until the last step, so
     its learning rate stays constant (no warmup or decay) and its gradient is not clipped with the policy's; and the
