@@ -273,7 +273,7 @@ def test_the_samples_of_a_prompt_share_its_prefill(tokenizer, monkeypatch):
     model = make_model(tokenizer)
     prompts = ["p0", "p1 a", "p0"]
     shared = ev.generate_samples(model, tokenizer, prompts, 4, 5, batch_size=8, seed=0, progress=False)
-    monkeypatch.setattr(trl_powerflow.decoding, "_shareable", lambda model: False)
+    monkeypatch.setattr(trl_powerflow.decoding, "_shared_prefixes", lambda *args: None)
     alone = ev.generate_samples(model, tokenizer, prompts, 4, 5, batch_size=8, seed=0, progress=False)
     assert shared.token_ids == alone.token_ids
     for a, b in zip(shared.logps, alone.logps, strict=True):

@@ -69,10 +69,14 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def _shareable(model) -> bool:
-    from .prefix_sharing import unshareable_cache
+def _shared_prefixes(model, input_ids, attention_mask):
+    """`(groups, first rows)` of the rows' prefixes when prefilling each distinct one once is worth it and the model's
+    cache can be handed to several rows (see `prefix_sharing.py`), else `None`."""
+    from .prefix_sharing import shared_prefix_groups, unshareable_cache
 
-    return unshareable_cache(model) is None
+    if unshareable_cache(model) is not None:
+        return None
+    return shared_prefix_groups(input_ids, attention_mask, input_ids.numel())
 
 
 @dataclass
@@ -106,10 +110,8 @@ def sample_continuations(model, prefixes, limits, temperature, stop_ids, pad_id,
     cache_name = cache_argument(model)
     kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     # The samples of a prompt share its prefix: each distinct prefix is prefilled once and its cache handed to its rows
-    distinct = {}
-    rows = torch.tensor([distinct.setdefault(tuple(prefix), i) for i, prefix in enumerate(prefixes)], device=device)
-    shared = len(distinct) < batch and _shareable(model)
-    first = torch.tensor(list(distinct.values()), device=device) if shared else slice(None)
+    shared = _shared_prefixes(model, input_ids, attention_mask)
+    first = shared[1] if shared else slice(None)
     outputs = model(
         input_ids=input_ids[first],
         attention_mask=attention_mask[first],
@@ -117,12 +119,12 @@ def sample_continuations(model, prefixes, limits, temperature, stop_ids, pad_id,
         use_cache=True,
         **kwargs,
     )
-    forward_tokens = (len(distinct) if shared else batch) * width
+    forward_tokens = (len(shared[1]) if shared else batch) * width
     past, logits = returned_cache(outputs), outputs.logits[:, -1].float()
-    if shared:  # row i takes the cache and logits of its prefix's first row
-        index = torch.searchsorted(first, rows)
-        past.batch_select_indices(index)
-        logits = logits[index]
+    if shared:  # each row takes the cache and logits of its prefix's group
+        groups = shared[0]
+        past.batch_select_indices(groups)
+        logits = logits[groups]
     positions = position_ids[:, -1]
 
     tokens, logps, logqs = [], [], []

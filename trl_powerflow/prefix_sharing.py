@@ -70,7 +70,7 @@ def custom_generate(model) -> str | None:
     return None
 
 
-def _groups_and_first_rows(prefix_ids, prefix_mask, total_positions):
+def shared_prefix_groups(prefix_ids, prefix_mask, total_positions):
     """
     Each row's prompt group and the first row of each group (its representative), or `None` when sharing the
     prefixes would save less than `MIN_SAVED_FRACTION` of `total_positions` (distinct prompts, or short ones).
@@ -102,7 +102,7 @@ def generate_from_shared_prefill(model, generate, input_ids, attention_mask=None
     if widening:  # `generate` would widen the batch past the prefilled cache's
         _off(f"in generation with {widening}: they change the batch inside `generate`")
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    shared = input_ids.size(1) > 1 and _groups_and_first_rows(
+    shared = input_ids.size(1) > 1 and shared_prefix_groups(
         input_ids[:, :-1], attention_mask[:, :-1], input_ids.numel()
     )
     if not agree(bool(shared)):
@@ -137,7 +137,7 @@ def shared_prefix_logps(
     shared = None
     if prefix_length >= 1:
         prefix_ids, prefix_mask = input_ids[:, :prefix_length], attention_mask[:, :prefix_length]
-        shared = _groups_and_first_rows(prefix_ids, prefix_mask, input_ids.numel())
+        shared = shared_prefix_groups(prefix_ids, prefix_mask, input_ids.numel())
     if not agree(shared is not None):
         return None
     groups, first = shared
