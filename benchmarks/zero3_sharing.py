@@ -6,7 +6,7 @@ x 8 samples a step over both processes, completions forced to 12 tokens. Each se
 `on_step_end`, the first `--warmup` steps left out. Under ZeRO-3 the processes decide together whether to share (every
 model call gathers weights in collectives), so both share or neither does.
 
-    python benchmarks/zero3_sharing.py --steps 4
+    python benchmarks/zero3_sharing.py --steps 8
 
 Prints a table of median step times and their ratio, and appends it to `benchmarks/results/zero3_sharing_<date>.md`.
 """

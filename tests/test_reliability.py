@@ -234,7 +234,7 @@ def test_evaluation_batches_leave_the_non_finite_batch_counter_alone(tmp_path, t
     finite = powerflow_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.ones(2, 2), torch.zeros(2), alpha=2.0)
     trainer._log_metrics(finite, torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([0, 0]), "eval")
     assert trainer._non_finite_batches == 4
-    # A training batch through `_compute_loss`: eval batches never reach the counter
+    # An eval batch through `_compute_loss` leaves the counter alone (a finite training batch would reset it to 0)
     trainer.model.eval()
     trainer._compute_loss(trainer.model, trainer._generate_and_score_completions([{"prompt": "p0"}] * 8))
     assert trainer._non_finite_batches == 4
