@@ -1,12 +1,14 @@
 """Train a tiny model for a few steps; launched by tests/test_distributed.py with 1 or 2 processes (torchrun), or
 through `accelerate launch` with a DeepSpeed or FSDP configuration.
 
-Usage: distributed_run.py OUTPUT_DIR PER_DEVICE_BATCH_SIZE {group,learned} [{cpu,gloo,cuda}] [resume] [noshare]
+Usage: distributed_run.py OUTPUT_DIR PER_DEVICE_BATCH_SIZE {group,learned} [{cpu,gloo,cuda}] [resume] [noshare] [ga2]
 
 `cpu`: CPU processes, plain data parallelism. `gloo`: CPU processes under the engine of an accelerate configuration
 (DeepSpeed), which accelerate sets up only without `use_cpu` and with the gloo backend named. `resume`: resume from
-the checkpoint in OUTPUT_DIR. `noshare`: `prefix_sharing=False`. Every run saves a checkpoint at step 2 of 3, and
-writes, for each process, whether each scoring pass shared its prompts.
+the checkpoint in OUTPUT_DIR. `noshare`: `prefix_sharing=False`. `ga2`: each step in two micro-batches of
+PER_DEVICE_BATCH_SIZE rows. Every run saves a checkpoint at step 2 of 3, and writes, for each process, whether each
+scoring pass shared its prompts and, under ZeRO-3, how many weights were gathered when the kept ones were freed, and
+after.
 """
 
 import json
@@ -23,6 +25,7 @@ from datasets import Dataset  # noqa: E402
 import trl_powerflow.prefix_sharing  # noqa: E402
 from trl_powerflow import PowerFlowTrainer  # noqa: E402
 from trl_powerflow.cli.train import finish  # noqa: E402
+from trl_powerflow.prefix_sharing import PrefixSharingMixin  # noqa: E402
 
 
 def _record_shared_passes():
@@ -39,14 +42,34 @@ def _record_shared_passes():
     return shared_passes
 
 
+def _record_kept_weights():
+    """Under ZeRO-3: (weights gathered, of all weights) when a shared pass's kept weights are freed, and after."""
+    kept = []
+    free = PrefixSharingMixin._free_kept_weights
+
+    def recorded(self):
+        engines = getattr(self, "_engines_keeping_weights", ())
+        parameters = [p for engine in engines for p in engine.module.parameters()]
+        gathered = lambda: sum(p.ds_status.name == "AVAILABLE" for p in parameters)  # noqa: E731
+        before = gathered()
+        free(self)
+        if parameters:
+            kept.append([before, gathered(), len(parameters)])
+
+    PrefixSharingMixin._free_kept_weights = recorded
+    return kept
+
+
 def main(output_dir, per_device_batch_size, estimator, device="cpu", *flags):
     shared_passes = _record_shared_passes()
+    kept_weights = _record_kept_weights()
     tokenizer = make_tokenizer()
     args = make_config(
         output_dir,
         use_cpu=device == "cpu",
         ddp_backend="gloo" if device == "gloo" else None,
         per_device_train_batch_size=per_device_batch_size,
+        gradient_accumulation_steps=2 if "ga2" in flags else 1,
         num_generations=8,
         max_steps=3,
         save_strategy="steps",
@@ -87,6 +110,8 @@ def main(output_dir, per_device_batch_size, estimator, device="cpu", *flags):
         f.write(str(trainer.args.should_save))
     with open(os.path.join(output_dir, f"shared_passes_rank{rank}.json"), "w") as f:
         json.dump(shared_passes, f)
+    with open(os.path.join(output_dir, f"kept_weights_rank{rank}.json"), "w") as f:
+        json.dump(kept_weights, f)
     finish(trainer)  # as `trl-powerflow train` ends a run
 
 

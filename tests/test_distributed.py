@@ -25,7 +25,7 @@ ACCELERATE_CONFIGS = os.path.join(os.path.dirname(trl.__file__), "accelerate_con
 
 def _run(
     output_dir, num_processes, per_device_batch_size, estimator, device="cpu", launcher=None, resume=False, ok=True,
-    sharing=True,
+    sharing=True, micro_batches=1,
 ):  # fmt: skip
     """Launch `distributed_run.py`; with `ok`, assert that it succeeded."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -33,7 +33,7 @@ def _run(
         env["CUDA_VISIBLE_DEVICES"] = ""
     launcher = launcher or ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}"]
     command = [sys.executable, *launcher, SCRIPT, str(output_dir), str(per_device_batch_size), estimator, device]
-    command += (["resume"] if resume else []) + ([] if sharing else ["noshare"])
+    command += (["resume"] if resume else []) + ([] if sharing else ["noshare"]) + ["ga2"] * (micro_batches == 2)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0 or not ok, result.stderr[-3000:]
     return result
@@ -118,13 +118,19 @@ def test_deepspeed_on_two_cpu_processes_matches_one_process(tmp_path, one_proces
 
 
 def test_zero3_shares_prefixes_like_one_process_and_like_no_sharing(tmp_path, one_process):
-    # Each process's batch is worth sharing or not (a 1-token prompt has no prefix to share): they share only together
+    # Each process's batch is worth sharing or not (a 1-token prompt has no prefix to share): they share only together.
+    # The shared run takes each step in two micro-batches (between them, generation gathers the weights its own way)
     pytest.importorskip("deepspeed")
-    for sharing in (True, False):
-        _run(tmp_path / str(sharing), 2, 8, "group", device="gloo", launcher=_accelerate("zero3", 2), sharing=sharing)
+    launcher = _accelerate("zero3", 2)
+    _run(tmp_path / "True", 2, 4, "group", device="gloo", launcher=launcher, micro_batches=2)
+    _run(tmp_path / "False", 2, 8, "group", device="gloo", launcher=launcher, sharing=False)
     shared_passes = _shared_passes(tmp_path / "True", together=True)
     assert True in shared_passes and False in shared_passes
     assert not any(_shared_passes(tmp_path / "False", together=True))
+    # A shared pass kept every weight gathered from its first call to its end (or its backward's) and freed them all
+    kept = json.loads((tmp_path / "True" / "kept_weights_rank0.json").read_text())
+    assert kept and all(before == total and after == 0 for before, after, total in kept), kept
+    assert json.loads((tmp_path / "False" / "kept_weights_rank0.json").read_text()) == []
     _same_run(one_process("group"), tmp_path / "True", "group")
     _same_run(tmp_path / "False", tmp_path / "True", "group")
 

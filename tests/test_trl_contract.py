@@ -183,6 +183,7 @@ PREFIX_SHARING_PINNED = {
         "batch_size",
         "compute_entropy",
     ],  # fmt: skip
+    "training_step": ["self", "model", "inputs", "num_items_in_batch"],
 }
 
 

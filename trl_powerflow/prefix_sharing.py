@@ -43,6 +43,10 @@ _SHAREABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 _STANDARD_GENERATE = ("transformers.generation.utils", "peft.peft_model")
 
 
+# Marks a ZeRO-3 weight as in use by a shared pass (see `PrefixSharingMixin._keep_weights_gathered`)
+_KEPT_BY_PREFIX_SHARING = "prefix sharing"
+
+
 def _off(reason: str):
     logger.warning_once(f"Prefix sharing is off {reason}.")
 
@@ -220,7 +224,8 @@ class PrefixSharingMixin:
     that widens the batch (`num_beams`, `num_return_sequences`), passes with image inputs or the MoE router's auxiliary
     loss, vision-language models, and FSDP. vLLM and transformers' continuous batching cache prefixes themselves.
 
-    Overrides `_generate_single_turn` (wraps `model.generate` for the call) and `_get_per_token_logps_and_entropies`.
+    Overrides `_generate_single_turn` (wraps `model.generate` for the call), `_get_per_token_logps_and_entropies`
+    and, for ZeRO-3's gathered weights, `training_step` (frees them after the backward).
     """
 
     prefix_sharing = True
@@ -239,17 +244,44 @@ class PrefixSharingMixin:
             _off(f"{reason}: GRPO's passes are used")
         return reason is None
 
+    def _is_zero3(self) -> bool:
+        return self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+
     def _all_processes_agree(self, worth_sharing: bool) -> bool:
         """
         Whether to share, the same on every process. Under DeepSpeed ZeRO-3 every model call gathers weights in
         collectives that all processes must make alike, so a shared pass (two calls) runs only where every process's
         batch is worth sharing; elsewhere each process decides for itself.
         """
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if not zero3 or self.accelerator.num_processes == 1:
+        if not self._is_zero3() or self.accelerator.num_processes == 1:
             return worth_sharing
         votes = self.accelerator.reduce(torch.tensor([float(worth_sharing)], device=self.accelerator.device), "sum")
         return votes.item() == self.accelerator.num_processes
+
+    def _keep_weights_gathered(self, model):
+        """
+        Under ZeRO-3 each layer's weights are gathered for every call of the layer and freed after it; a shared pass
+        calls each layer twice (prefix, then suffix), and its backward twice more. With `ds3_gather_for_generation`
+        (the whole model may be gathered at once, as for generation) the weights stay gathered from their first call
+        until `_free_kept_weights`: DeepSpeed frees no weight that a module still marks as in use.
+        """
+        # The engine that owns the weights: the policy's (also when called unwrapped) or the reference model's
+        engine = model if hasattr(model, "empty_partition_cache") else self.model_wrapped
+        for param in engine.module.parameters():
+            param.ds_active_sub_modules.add(_KEPT_BY_PREFIX_SHARING)
+        self._engines_keeping_weights = getattr(self, "_engines_keeping_weights", set()) | {engine}
+
+    def _free_kept_weights(self):
+        for engine in getattr(self, "_engines_keeping_weights", ()):
+            engine.empty_partition_cache()  # frees every gathered weight of the engine, the marks above included
+        self._engines_keeping_weights = set()
+
+    def training_step(self, *args, **kwargs):
+        # The policy pass keeps its weights gathered through its backward, which ends in here
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            self._free_kept_weights()
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
         # transformers' generate, with each distinct prompt prefilled once
@@ -284,21 +316,33 @@ class PrefixSharingMixin:
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
             )
+        keep_gathered = self._is_zero3() and self.args.ds3_gather_for_generation
+
+        def agree(worth_sharing):
+            share = self._all_processes_agree(worth_sharing)
+            if share and keep_gathered:
+                self._keep_weights_gathered(model)
+            return share
+
         batch_size = batch_size or input_ids.size(0)
         logps, entropies = [], []
-        for start in range(0, input_ids.size(0), batch_size):
-            ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-            with self.accelerator.autocast():
-                out = shared_prefix_logps(
-                    model, self.accelerator.unwrap_model(model), ids, mask, logits_to_keep, compute_entropy,
-                    agree=self._all_processes_agree,
-                )  # fmt: skip
-            if out is None:  # distinct or short prompts: nothing worth sharing
-                out = super()._get_per_token_logps_and_entropies(
-                    model, ids, mask, logits_to_keep, compute_entropy=compute_entropy
-                )[:2]
-            logps.append(out[0])
-            entropies.append(out[1])
+        try:
+            for start in range(0, input_ids.size(0), batch_size):
+                ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+                with self.accelerator.autocast():
+                    out = shared_prefix_logps(
+                        model, self.accelerator.unwrap_model(model), ids, mask, logits_to_keep, compute_entropy,
+                        agree=agree,
+                    )  # fmt: skip
+                if out is None:  # distinct or short prompts: nothing worth sharing
+                    out = super()._get_per_token_logps_and_entropies(
+                        model, ids, mask, logits_to_keep, compute_entropy=compute_entropy
+                    )[:2]
+                logps.append(out[0])
+                entropies.append(out[1])
+        finally:
+            if not torch.is_grad_enabled():  # no backward to keep them for
+                self._free_kept_weights()
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
 
