@@ -25,7 +25,7 @@ ACCELERATE_CONFIGS = os.path.join(os.path.dirname(trl.__file__), "accelerate_con
 
 def _run(
     output_dir, num_processes, per_device_batch_size, estimator, device="cpu", launcher=None, resume=False, ok=True,
-    sharing=True, micro_batches=1,
+    sharing=True, accumulate=False,
 ):  # fmt: skip
     """Launch `distributed_run.py`; with `ok`, assert that it succeeded."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -33,7 +33,7 @@ def _run(
         env["CUDA_VISIBLE_DEVICES"] = ""
     launcher = launcher or ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}"]
     command = [sys.executable, *launcher, SCRIPT, str(output_dir), str(per_device_batch_size), estimator, device]
-    command += (["resume"] if resume else []) + ([] if sharing else ["noshare"]) + ["ga2"] * (micro_batches == 2)
+    command += (["resume"] if resume else []) + ([] if sharing else ["noshare"]) + (["ga2"] if accumulate else [])
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0 or not ok, result.stderr[-3000:]
     return result
@@ -122,7 +122,7 @@ def test_zero3_shares_prefixes_like_one_process_and_like_no_sharing(tmp_path, on
     # The shared run takes each step in two micro-batches (between them, generation gathers the weights its own way)
     pytest.importorskip("deepspeed")
     launcher = _accelerate("zero3", 2)
-    _run(tmp_path / "True", 2, 4, "group", device="gloo", launcher=launcher, micro_batches=2)
+    _run(tmp_path / "True", 2, 4, "group", device="gloo", launcher=launcher, accumulate=True)
     _run(tmp_path / "False", 2, 8, "group", device="gloo", launcher=launcher, sharing=False)
     shared_passes = _shared_passes(tmp_path / "True", together=True)
     assert True in shared_passes and False in shared_passes
