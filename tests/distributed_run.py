@@ -48,8 +48,7 @@ def _record_kept_weights():
     free = PrefixSharingMixin._free_kept_weights
 
     def recorded(self):
-        engines = getattr(self, "_engines_keeping_weights", ())
-        parameters = [p for engine in engines for p in engine.module.parameters()]
+        parameters = [p for engine in self._engines_keeping_weights for p in engine.module.parameters()]
         gathered = lambda: sum(p.ds_status.name == "AVAILABLE" for p in parameters)  # noqa: E731
         before = gathered()
         free(self)

@@ -229,6 +229,8 @@ class PrefixSharingMixin:
     """
 
     prefix_sharing = True
+    # The ZeRO-3 engines whose weights a shared pass keeps gathered (see `_keep_weights_gathered`)
+    _engines_keeping_weights = frozenset()
 
     def _shares_prefixes(self) -> bool:
         if not getattr(self.args, "prefix_sharing", self.prefix_sharing):
@@ -269,12 +271,14 @@ class PrefixSharingMixin:
         engine = model if hasattr(model, "empty_partition_cache") else self.model_wrapped
         for param in engine.module.parameters():
             param.ds_active_sub_modules.add(_KEPT_BY_PREFIX_SHARING)
-        self._engines_keeping_weights = getattr(self, "_engines_keeping_weights", set()) | {engine}
+        self._engines_keeping_weights |= {engine}
 
     def _free_kept_weights(self):
-        for engine in getattr(self, "_engines_keeping_weights", ()):
-            engine.empty_partition_cache()  # frees every gathered weight of the engine, the marks above included
-        self._engines_keeping_weights = set()
+        for engine in self._engines_keeping_weights:
+            # Frees every gathered weight of the engine, the marks above included. The ZeRO-3 optimizer's call, not the
+            # engine's: that one also runs `gc.collect()` and empties the accelerator's cache, once a step here
+            engine.optimizer.empty_partition_cache()
+        self._engines_keeping_weights = frozenset()
 
     def training_step(self, *args, **kwargs):
         # The policy pass keeps its weights gathered through its backward, which ends in here
