@@ -2,13 +2,14 @@
 through `accelerate launch` with a DeepSpeed or FSDP configuration.
 
 Usage: distributed_run.py OUTPUT_DIR PER_DEVICE_BATCH_SIZE {group,learned} [{cpu,gloo,cuda}] [resume] [noshare] [ga2]
+       [nogather]
 
 `cpu`: CPU processes, plain data parallelism. `gloo`: CPU processes under the engine of an accelerate configuration
 (DeepSpeed), which accelerate sets up only without `use_cpu` and with the gloo backend named. `resume`: resume from
 the checkpoint in OUTPUT_DIR. `noshare`: `prefix_sharing=False`. `ga2`: each step in two micro-batches of
-PER_DEVICE_BATCH_SIZE rows. Every run saves a checkpoint at step 2 of 3, and writes, for each process, whether each
-scoring pass shared its prompts and, under ZeRO-3, how many weights were gathered when the kept ones were freed, and
-after.
+PER_DEVICE_BATCH_SIZE rows. `nogather`: `ds3_gather_for_generation=False`. Every run saves a checkpoint at step 2 of
+3, and writes, for each process, whether each scoring pass shared its prompts and, under ZeRO-3, how many weights were
+gathered when the kept ones were freed, and after.
 """
 
 import json
@@ -83,6 +84,7 @@ def main(output_dir, per_device_batch_size, estimator, device="cpu", *flags):
         log_z_init="zero",
         log_z_learning_rate=1e-2,
         prefix_sharing="noshare" not in flags,
+        ds3_gather_for_generation="nogather" not in flags,
     )
     dataset = Dataset.from_dict({"prompt": ["p0", "p1", "p0 a", "p1 b", "a p0", "b p1"] * 4})
     trainer = PowerFlowTrainer(make_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)

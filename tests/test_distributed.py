@@ -25,7 +25,7 @@ ACCELERATE_CONFIGS = os.path.join(os.path.dirname(trl.__file__), "accelerate_con
 
 def _run(
     output_dir, num_processes, per_device_batch_size, estimator, device="cpu", launcher=None, resume=False, ok=True,
-    sharing=True, accumulate=False,
+    sharing=True, accumulate=False, gather=True,
 ):  # fmt: skip
     """Launch `distributed_run.py`; with `ok`, assert that it succeeded."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -34,6 +34,7 @@ def _run(
     launcher = launcher or ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}"]
     command = [sys.executable, *launcher, SCRIPT, str(output_dir), str(per_device_batch_size), estimator, device]
     command += (["resume"] if resume else []) + ([] if sharing else ["noshare"]) + (["ga2"] if accumulate else [])
+    command += [] if gather else ["nogather"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0 or not ok, result.stderr[-3000:]
     return result
@@ -110,10 +111,13 @@ def _shared_passes(run, together=False):
 # step on, where ZeRO-1, ZeRO-3 and ZeRO-2 on one process do not (README, "Several processes or GPUs")
 @pytest.mark.parametrize("engine, estimator", [("zero1", "learned"), ("zero2", "group"), ("zero3", "learned")])
 def test_deepspeed_on_two_cpu_processes_matches_one_process(tmp_path, one_process, engine, estimator):
+    # ZeRO-3 without `ds3_gather_for_generation`: every call gathers its layers' weights, generation and shared passes
+    # alike; no shared pass keeps them gathered
     pytest.importorskip("deepspeed")
-    _run(tmp_path, 2, 8, estimator, device="gloo", launcher=_accelerate(engine, 2))
+    _run(tmp_path, 2, 8, estimator, device="gloo", launcher=_accelerate(engine, 2), gather=engine != "zero3")
     assert (tmp_path / "engine_rank0.txt").read_text().startswith("fsdp=False deepspeed=True processes=2")
     assert any(_shared_passes(tmp_path, together=engine == "zero3"))
+    assert json.loads((tmp_path / "kept_weights_rank0.json").read_text()) == []
     _same_run(one_process(estimator), tmp_path, estimator)
 
 
